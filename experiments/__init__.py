@@ -1,0 +1,1 @@
+"""absl entry points: stages of a self-evolution round, tools and benchmarks."""

@@ -1,0 +1,1 @@
+"""rstar_jax: rStar-Math in JAX."""
