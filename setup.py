@@ -27,6 +27,7 @@ setup(
         "latex2sympy2_extended==1.11.0",
         "antlr4-python3-runtime==4.13.2",
         "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",  # tfds needs it for builders inside packages (declared only for py<3.9)
         "array-record==0.8.6",
         "grain==0.2.18",
         "tensorboardX==2.6.5",
