@@ -45,16 +45,24 @@ class MeshConfig:
   tensor: int = 1
 
   def shape(self, num_devices: int) -> tuple[int, int, int]:
-    sizes = [self.data, self.fsdp, self.tensor]
-    if sizes.count(-1) > 1:
-      raise ValueError(f"mesh {self}: at most one axis may be -1")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-      raise ValueError(f"mesh {self} does not divide the {num_devices} available devices")
-    sizes = [num_devices // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != num_devices:
-      raise ValueError(f"mesh {self} uses {int(np.prod(sizes))} devices but {num_devices} are available")
-    return tuple(sizes)
+    """Resolves the -1 axis: MeshConfig(-1, 2, 2).shape(8) == (2, 2, 2)."""
+    sizes = dict(zip(MESH_AXES, (self.data, self.fsdp, self.tensor)))
+    bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
+    if bad:
+      raise ValueError(f"mesh {self}: axis sizes must be positive or -1 (fill), got {bad}")
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+      raise ValueError(f"mesh {self}: at most one axis may be -1 (fill), got {fill}")
+    known = int(np.prod([v for v in sizes.values() if v != -1]))
+    if fill:
+      if num_devices % known:
+        raise ValueError(f"mesh {self}: the fixed axes use {known} devices, which does not divide the "
+                         f"{num_devices} available devices, so {fill[0]!r}=-1 cannot fill the rest")
+      sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+      raise ValueError(f"mesh {self} uses {known} devices but {num_devices} are available "
+                       "(set one axis to -1 to fill)")
+    return tuple(sizes[k] for k in MESH_AXES)
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -87,13 +95,22 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES) -> 
   return PartitionSpec(*spec)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
-  """Drops mesh axes from dimensions they do not divide (e.g. a vocab of 151936 over 3 devices)."""
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh, usable: set[str] | None = None) -> PartitionSpec:
+  """Makes `spec` valid for an array of `shape` on `mesh`.
+
+  Per dimension, mesh axes that are absent from the mesh (or not in `usable`) are dropped, and then
+  trailing axes are dropped until the remaining ones divide the dimension: a batch of 2 over
+  ("data", "fsdp") = (2, 4) keeps "data"; a vocab of 151936 over 3 tensor devices stays replicated.
+  """
+  if len(spec) > len(shape):
+    raise ValueError(f"partition spec {spec} has more entries than the array has dimensions {tuple(shape)}")
+  usable = set(mesh.axis_names) if usable is None else usable & set(mesh.axis_names)
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    out.append(axes if dim % size == 0 else None)
+    names = [a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a in usable]
+    while names and dim % int(np.prod([mesh.shape[a] for a in names])):
+      names.pop()
+    out.append(names[0] if len(names) == 1 else (tuple(names) or None))
   return PartitionSpec(*out)
 
 
@@ -118,28 +135,68 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=DEFAULT_RUL
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
-  """`with_sharding_constraint` by logical names under the active mesh; a no-op without one."""
+  """Sharding constraint by logical names under the mesh set with `jax.set_mesh`; a no-op without one.
+
+  Only `Auto` mesh axes are constrained: `Manual` axes (inside `jax.shard_map`) are already split by
+  hand and `Explicit` axes carry their sharding in the array type. Outside `jit` the array is placed
+  on the concrete mesh instead.
+  """
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match an array of shape {x.shape}")
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, _fit_spec(logical_to_spec(logical_axes, rules), x.shape, mesh))
+  auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Auto}
+  spec = _fit_spec(logical_to_spec(logical_axes, rules), x.shape, mesh, usable=auto)
+  if not isinstance(x, jax.core.Tracer):
+    return jax.device_put(x, NamedSharding(jax.sharding.get_mesh(), spec))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _cluster_env_is_multiprocess(env=os.environ) -> bool:
+  """Whether the environment announces a multi-process job that `jax.distributed` can auto-detect."""
+  def count(key):
+    try:
+      return int(env.get(key, "1"))
+    except ValueError:
+      return 1
+  slurm_step = all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"))
+  tpu_hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+  return ((slurm_step and count("SLURM_NTASKS") > 1)  # inside `srun` with several tasks
+          or count("OMPI_COMM_WORLD_SIZE") > 1  # mpirun
+          or len([h for h in tpu_hosts.split(",") if h]) > 1  # GKE / multi-host TPU VM
+          or "MEGASCALE_COORDINATOR_ADDRESS" in env  # multislice TPU
+          or "JAX_COORDINATOR_ADDRESS" in env)  # set by launch/tpu_pod.sh; JAX reads it itself
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-  """Starts `jax.distributed` on multi-host runs; a no-op on a single host.
+                           process_id: int | None = None, initialization_timeout: int = 300) -> bool:
+  """Starts `jax.distributed` for a multi-process run; a no-op for a single process.
 
-  Explicit arguments win; otherwise TPU pods and Slurm are detected by JAX itself. Returns whether
-  the distributed runtime was started.
+  Must run before anything touches a JAX device. Explicit: `coordinator_address` ("host:port" of
+  process 0) with `num_processes` and `process_id` (launch/local.sh). Without a coordinator, JAX
+  detects everything when the environment announces a multi-process job: a Slurm `srun` step with
+  several tasks (launch/slurm_gpu.sbatch), Open MPI, a TPU pod (launch/tpu_pod.sh exports
+  JAX_COORDINATOR_ADDRESS; GKE sets TPU_WORKER_HOSTNAMES). `num_processes=1` always means a single
+  process. Returns whether the distributed runtime is running.
   """
-  explicit = coordinator_address is not None
-  on_cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if not explicit and not on_cluster:
+  if jax.distributed.is_initialized():
+    return True
+  if num_processes == 1:
     return False
-  if explicit and (num_processes or 1) <= 1:
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError(f"coordinator_address={coordinator_address!r} also needs num_processes and process_id; "
+                       f"got num_processes={num_processes}, process_id={process_id}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+  elif not _cluster_env_is_multiprocess():
+    if num_processes is not None:
+      raise ValueError(f"num_processes={num_processes} needs a coordinator_address (or a Slurm / MPI / TPU pod "
+                       "environment that JAX can detect)")
     return False
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, initialization_timeout=initialization_timeout)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
@@ -149,4 +206,6 @@ def host_shard(items: Sequence, process_index: int | None = None, process_count:
   """The items this host owns (round-robin by position), so hosts split a problem set without overlap."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index={index} must be in [0, process_count={count})")
   return list(items[index::count])

@@ -9,6 +9,7 @@ as `LlamaTokenizer(vocab_file=...)`: it silently builds an empty vocabulary inst
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -28,6 +29,8 @@ SPM_FILE = "sentencepiece.model"  # Not `tokenizer.model`, so loaders never pref
 # SentencePiece keeps them out of its lattice; `tokenizers`' Unigram has no piece types, only scores.
 _UNMATCHABLE_SCORE = -1e6
 _VERIFY_TEXTS = 64
+# tokenizer_config classes that mean "just tokenizer.json".
+_PLAIN_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def format_prompt(question: str) -> str:
@@ -52,7 +55,17 @@ def load_tokenizer(directory: str | os.PathLike, add_step_tags: bool = True):
     raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
   if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f"no tokenizer files in {path!r}: expected one of {list(_TOKENIZER_FILES)}")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  # A plain tokenizer.json directory (the miniature's) must not be re-interpreted by AutoTokenizer as the
+  # model's own class (a `config.json` saying qwen2 next to it makes that a Qwen2Tokenizer).
+  config_file = os.path.join(path, "tokenizer_config.json")
+  tokenizer_class = None
+  if os.path.exists(config_file):
+    with open(config_file) as f:
+      tokenizer_class = json.load(f).get("tokenizer_class")
+  if tokenizer_class in _PLAIN_FAST_CLASSES and os.path.exists(os.path.join(path, "tokenizer.json")):
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+  else:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   tokenizer.clean_up_tokenization_spaces = False
   if add_step_tags:
     add_special_tags(tokenizer, STEP_TAGS)

@@ -17,3 +17,22 @@ def make_hf_qwen2(tmp_dir, *, tied=True, rope_theta=1e4, heads=4, kv_heads=2, vo
         p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(tmp_dir)
   return model
+
+
+def make_bpe_tokenizer(tmp_dir, texts, vocab_size=300):
+  """A small Qwen-style byte-level BPE (256 byte symbols + merges + `<|endoftext|>`) saved for AutoTokenizer.
+
+  Byte-level, like Qwen's, because AutoTokenizer picks `Qwen2Tokenizer` when the directory's
+  config.json says qwen2, and that class reads a BPE tokenizer.json.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                              pad_token="<|endoftext|>")
+  fast.save_pretrained(tmp_dir)
+  return fast

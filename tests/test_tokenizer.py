@@ -222,3 +222,15 @@ def test_sync_model_vocab_never_shrinks_and_pads(bpe_dir):
   ppm = PPM(_tiny_config(len(plain), True), rngs=nnx.Rngs(0))
   tk.sync_model_vocab(ppm, tok, nnx.Rngs(1), pad_to_multiple_of=64)
   assert ppm.config.vocab_size % 64 == 0 and ppm.config.vocab_size >= len(tok)
+
+
+def test_spm_tokenizer_exported_with_a_qwen2_model_keeps_its_ids(spm_dir, tmp_path):
+  """A model export writes config.json (model_type qwen2) beside the tokenizer; ids must not change."""
+  from rstar_jax.models.hf_io import save_hf
+  tok = tk.load_tokenizer(spm_dir)
+  model = Qwen2(_tiny_config(len(tok), tied=True), rngs=nnx.Rngs(0))
+  save_hf(model, str(tmp_path), tokenizer=tok)
+  text = _solution(random.Random(3))
+  reloaded = tk.load_tokenizer(tmp_path)
+  assert reloaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+  assert reloaded.decode(reloaded.encode(text, add_special_tokens=False)) == text

@@ -120,8 +120,9 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict, **overrides) -> Model
   if model_type != "qwen2" or any(a not in ("Qwen2ForCausalLM", "Qwen2Model") for a in archs):
     raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} architectures={archs}; "
                      "only Qwen2 (Qwen2ForCausalLM) is supported")
-  if cfg.get("rope_scaling"):
-    raise ValueError(f"{where}: unsupported rope_scaling={cfg['rope_scaling']!r}; only plain RoPE is supported")
+  legacy_scaling = cfg.get("rope_scaling") or {}
+  if legacy_scaling.get("rope_type", legacy_scaling.get("type", "default")) != "default":
+    raise ValueError(f"{where}: unsupported rope_scaling={legacy_scaling!r}; only plain RoPE is supported")
   if cfg.get("use_sliding_window"):
     raise ValueError(f"{where}: use_sliding_window=true is not supported")
   if cfg.get("hidden_act", "silu") != "silu":
@@ -139,7 +140,8 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict, **overrides) -> Model
       num_kv_heads=cfg.get("num_key_value_heads", heads),
       head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
       intermediate_size=cfg["intermediate_size"],
-      rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 1e6))),
+      # transformers 5 reads rope_parameters first; so do we, or logits would differ from HF's.
+      rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
       tie_embeddings=cfg.get("tie_word_embeddings", False),
       max_position_embeddings=cfg.get("max_position_embeddings", 4096),

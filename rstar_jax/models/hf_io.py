@@ -1,15 +1,21 @@
 """HF Qwen2 checkpoint directories <-> our model state (safetensors, numpy path, no torch needed).
 
-Import reads one tensor at a time, checks it against the abstract model, and places it with the
-mesh's sharding (each host materialises only its own shards). Export writes a directory that
-`transformers` loads as `Qwen2ForCausalLM`; a PPM adds `v_head.summary.{weight,bias}`.
+Import first checks every tensor's presence, shape and dtype against the abstract model from the
+safetensors headers alone, so a bad directory fails with one error listing every problem before any
+data is read. Then each parameter is read block by block: on a mesh, each device's callback reads
+only the slice of the HF tensor that its shard needs, so a host reads only what its devices hold.
+Export writes a directory that `transformers` loads as `Qwen2ForCausalLM`; a PPM adds
+`v_head.summary.{weight,bias}` (which HF ignores as unexpected keys).
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
+import logging
+import math
 import os
 import re
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,80 +26,73 @@ from flax import nnx
 
 from rstar_jax import parallel
 from rstar_jax.models.config import ModelConfig, from_hf_config
-from rstar_jax.models.ppm import PPM
+from rstar_jax.models.ppm import PPM, ValueHead
 from rstar_jax.models.qwen2 import Qwen2
 
-Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Float dtypes a parameter may be stored in (cast to the model dtype on load). FP8 and integer
+# tensors are quantised formats that need scales we do not read, so they are refused.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Buffers some older exports saved; recomputed by the model, so safe to skip.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+# A layout says how an HF tensor is built from ours: one group of our axes per HF axis, flattened
+# row-major into it (an empty group is an HF axis of size 1). E.g. q_proj ours [D, H, Dh] ->
+# HF [H*Dh, D] is ((1, 2), (0,)). Both directions and the sliced reads derive from it.
+Layout = tuple[tuple[int, ...], ...]
+_SAME1: Layout = ((0,),)
+_SAME2: Layout = ((0,), (1,))
+_TRANSPOSE: Layout = ((1,), (0,))  # torch Linear [out, in] vs ours [in, out]
 
 _LAYER = r"layers\.(\d+)\."
 _HF_LAYER = "model.layers.{0}."
 
-
-def _t(x, cfg):
-  return x.T
-
-
-def _heads_in(n_heads: str) -> Transform:  # HF [N*Dh, D] -> ours [D, N, Dh]
-  return lambda x, cfg: x.T.reshape(cfg.hidden_size, getattr(cfg, n_heads), cfg.head_dim)
-
-
-def _heads_out(x, cfg):  # ours [D, N, Dh] -> HF [N*Dh, D]
-  return x.reshape(x.shape[0], -1).T
-
-
-def _bias_in(n_heads: str) -> Transform:
-  return lambda x, cfg: x.reshape(getattr(cfg, n_heads), cfg.head_dim)
-
-
-def _flat(x, cfg):
-  return x.reshape(-1)
-
-
-def _o_in(x, cfg):  # HF [D, H*Dh] -> ours [H, Dh, D]
-  return x.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
-
-
-def _o_out(x, cfg):
-  return x.reshape(-1, x.shape[-1]).T
-
-
-def _same(x, cfg):
-  return x
-
-
-# (our path regex, HF key template, HF -> ours, ours -> HF). Our paths are dotted state paths.
-_RULES: list[tuple[str, str, Transform, Transform]] = [
-    (r"embed", "model.embed_tokens.weight", _same, _same),
-    (r"final_norm\.weight", "model.norm.weight", _same, _same),
-    (r"lm_head", "lm_head.weight", _t, _t),
-    (_LAYER + r"input_layernorm\.weight", _HF_LAYER + "input_layernorm.weight", _same, _same),
-    (_LAYER + r"post_attention_layernorm\.weight", _HF_LAYER + "post_attention_layernorm.weight", _same, _same),
-    (_LAYER + r"self_attn\.q_proj", _HF_LAYER + "self_attn.q_proj.weight", _heads_in("num_heads"), _heads_out),
-    (_LAYER + r"self_attn\.k_proj", _HF_LAYER + "self_attn.k_proj.weight", _heads_in("num_kv_heads"), _heads_out),
-    (_LAYER + r"self_attn\.v_proj", _HF_LAYER + "self_attn.v_proj.weight", _heads_in("num_kv_heads"), _heads_out),
-    (_LAYER + r"self_attn\.q_bias", _HF_LAYER + "self_attn.q_proj.bias", _bias_in("num_heads"), _flat),
-    (_LAYER + r"self_attn\.k_bias", _HF_LAYER + "self_attn.k_proj.bias", _bias_in("num_kv_heads"), _flat),
-    (_LAYER + r"self_attn\.v_bias", _HF_LAYER + "self_attn.v_proj.bias", _bias_in("num_kv_heads"), _flat),
-    (_LAYER + r"self_attn\.o_proj", _HF_LAYER + "self_attn.o_proj.weight", _o_in, _o_out),
-    (_LAYER + r"mlp\.(gate|up|down)_proj", _HF_LAYER + "mlp.{1}_proj.weight", _t, _t),
-    # PPM value head: ours weight [D], bias []; HF (trl ValueHead) weight [1, D], bias [1].
-    (r"v_head\.weight", "v_head.summary.weight", lambda x, cfg: x.reshape(-1), lambda x, cfg: x.reshape(1, -1)),
-    (r"v_head\.bias", "v_head.summary.bias", lambda x, cfg: x.reshape(()), lambda x, cfg: x.reshape(1)),
+# (our dotted state path regex, HF key template filled with the regex groups, layout)
+_RULES: list[tuple[str, str, Layout]] = [
+    (r"embed", "model.embed_tokens.weight", _SAME2),
+    (r"final_norm\.weight", "model.norm.weight", _SAME1),
+    (r"lm_head", "lm_head.weight", _TRANSPOSE),
+    (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight", _HF_LAYER + "{1}.weight", _SAME1),
+    (_LAYER + r"self_attn\.([qkv])_proj", _HF_LAYER + "self_attn.{1}_proj.weight", ((1, 2), (0,))),
+    (_LAYER + r"self_attn\.([qkv])_bias", _HF_LAYER + "self_attn.{1}_proj.bias", ((0, 1),)),
+    (_LAYER + r"self_attn\.o_proj", _HF_LAYER + "self_attn.o_proj.weight", ((2,), (0, 1))),
+    (_LAYER + r"mlp\.(gate|up|down)_proj", _HF_LAYER + "mlp.{1}_proj.weight", _TRANSPOSE),
+    # PPM value head: ours weight [D], bias []; HF (trl ValueHead `summary` Linear) weight [1, D], bias [1].
+    (r"v_head\.weight", "v_head.summary.weight", ((), (0,))),
+    (r"v_head\.bias", "v_head.summary.bias", ((),)),
 ]
 
 
 class CheckpointError(ValueError):
-  """A checkpoint directory that does not match the model (names the key and the shapes)."""
+  """A checkpoint directory that does not match the model (names the keys and the shapes)."""
 
 
-def _hf_rule(path: str):
-  """Our dotted path -> (HF key, from_hf, to_hf)."""
+def _hf_rule(path: str) -> tuple[str, Layout]:
+  """Our dotted path -> (HF key, layout)."""
   path = path.removeprefix("backbone.")
-  for pattern, template, from_hf, to_hf in _RULES:
+  for pattern, template, layout in _RULES:
     m = re.fullmatch(pattern, path)
     if m:
-      return template.format(*m.groups()), from_hf, to_hf
+      return template.format(*m.groups()), layout
   raise KeyError(f"no HF key for parameter {path!r}")
+
+
+def _check_layout(layout: Layout, ndim: int, path: str) -> None:
+  # Guards against a model change that the rule table did not follow.
+  if sorted(a for group in layout for a in group) != list(range(ndim)):
+    raise KeyError(f"HF layout {layout} does not fit parameter {path} of rank {ndim}")
+
+
+def hf_shape(layout: Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(math.prod(shape[a] for a in group) for group in layout)
+
+
+def to_hf(x: np.ndarray, layout: Layout) -> np.ndarray:
+  # Contiguous, because safetensors.numpy.save_file writes a strided view's raw buffer unpermuted.
+  return np.ascontiguousarray(x.transpose([a for group in layout for a in group]).reshape(hf_shape(layout, x.shape)))
 
 
 def _dotted(key_path) -> str:
@@ -101,79 +100,185 @@ def _dotted(key_path) -> str:
 
 
 class SafetensorsReader:
-  """Lazy reader over one or more (index-sharded) safetensors files."""
+  """Header-first access to one safetensors file or an index-sharded set (HF's file precedence)."""
 
   def __init__(self, hf_dir: str):
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    single = os.path.join(hf_dir, "model.safetensors")
-    if os.path.exists(index):
+    self.hf_dir = hf_dir
+    single, index = os.path.join(hf_dir, SINGLE_FILE), os.path.join(hf_dir, INDEX_FILE)
+    if os.path.exists(single):  # transformers prefers the single file too, so check_hf compares like with like
+      if os.path.exists(index):
+        log.warning("%s: both %s and %s exist; reading %s as transformers does", hf_dir, SINGLE_FILE,
+                    INDEX_FILE, SINGLE_FILE)
+      key_to_file = None
+      files = [single]
+    elif os.path.exists(index):
       with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      self.key_to_file = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
-    elif os.path.exists(single):
-      with safetensors.safe_open(single, framework="numpy") as f:
-        self.key_to_file = {k: single for k in f.keys()}
+        key_to_file = {k: os.path.join(hf_dir, v) for k, v in json.load(f)["weight_map"].items()}
+      files = sorted(set(key_to_file.values()))
+      missing = [os.path.basename(p) for p in files if not os.path.exists(p)]
+      if missing:
+        raise CheckpointError(f"{hf_dir}: {INDEX_FILE} lists files that are missing: {missing}")
     else:
-      raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-    self._open: dict[str, object] = {}
+      others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.bin")))
+      hint = f" (found {others}: convert PyTorch .bin weights to safetensors first)" if others else ""
+      raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    self._handles = {p: self._open(p) for p in files}
+    self._slices = {}
+    for path, handle in self._handles.items():
+      for key in handle.keys():
+        if key_to_file is None or key_to_file.get(key) == path:
+          self._slices[key] = handle.get_slice(key)
+    if key_to_file is not None:
+      absent = sorted(k for k in key_to_file if k not in self._slices)
+      if absent:
+        raise CheckpointError(f"{hf_dir}: {INDEX_FILE} maps {absent[:5]} to files that do not contain them")
+
+  @staticmethod
+  def _open(path: str):
+    try:
+      return safetensors.safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+      raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
   def keys(self) -> set[str]:
-    return set(self.key_to_file)
+    return set(self._slices)
 
-  def get(self, key: str) -> np.ndarray:
-    path = self.key_to_file[key]
-    if path not in self._open:
-      if not os.path.exists(path):
-        raise CheckpointError(f"{path}: listed in the index for {key!r} but missing")
-      self._open[path] = safetensors.safe_open(path, framework="numpy")
-    return self._open[path].get_tensor(key)
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._slices[key].get_shape())
+
+  def dtype(self, key: str) -> str:
+    return self._slices[key].get_dtype()
+
+  def read(self, key: str) -> np.ndarray:
+    return self._slices[key][tuple(slice(None) for _ in self.shape(key))]
+
+  def read_block(self, key: str, layout: Layout, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """`ours[index]` where ours has `shape` and the HF tensor `key` is `to_hf(ours, layout)`.
+
+    Reads only the HF rows/columns that cover `index`: a split axis group (e.g. heads x head_dim)
+    is read as the range of its outer axis, and any slice of its inner axes is applied afterwards.
+    """
+    bounds = []
+    for s, n in zip(index, shape):
+      start, stop, step = s.indices(n)
+      if step != 1:
+        raise ValueError(f"strided index {s} is not supported")
+      bounds.append((start, stop))
+    hf_index, block_shape, order = [], [], []
+    residual = [slice(None)] * len(shape)
+    for group in layout:
+      if not group:  # an HF axis of size 1 with no counterpart in ours
+        hf_index.append(slice(None))
+        continue
+      outer, inner = group[0], group[1:]
+      inner_size = math.prod(shape[a] for a in inner)
+      start, stop = bounds[outer]
+      hf_index.append(slice(start * inner_size, stop * inner_size))
+      block_shape += [stop - start] + [shape[a] for a in inner]
+      order += group
+      for a in inner:
+        residual[a] = slice(*bounds[a])
+    raw = self._slices[key][tuple(hf_index)]
+    block = raw.reshape(block_shape).transpose(np.argsort(order).astype(int))
+    return np.asarray(block[tuple(residual)])
 
 
-def _place(array: np.ndarray, sharding) -> jax.Array:
-  if sharding is None:
-    return jnp.asarray(array)
-  # Each host builds only the shards its own devices hold.
-  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+@dataclasses.dataclass
+class _Plan:
+  """Where each parameter comes from: an HF key, or a freshly initialised value."""
+
+  keys: dict[str, tuple[str, Layout]]  # our dotted path -> (HF key, layout)
+  fresh: dict[str, np.ndarray]  # our dotted path -> initial value
 
 
-def load_state_into(abstract_model: nnx.Module, hf_dir: str, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
-  """Fills an abstract (`nnx.eval_shape`) model from an HF directory; every key must match exactly."""
-  cfg: ModelConfig = abstract_model.config
-  graphdef, abs_state = nnx.split(abstract_model)
-  shardings = parallel.state_shardings(abs_state, mesh) if mesh is not None else None
-  pure_abs = nnx.to_pure_dict(abs_state)
-  pure_shardings = nnx.to_pure_dict(shardings) if shardings is not None else None
-  reader = SafetensorsReader(hf_dir)
-  used: set[str] = set()
+def _fresh_value_head(hidden_size: int) -> dict[str, np.ndarray]:
+  head = ValueHead(hidden_size, nnx.Rngs(0))
+  return {f"v_head.{k}": np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(head)).items()}
 
-  def load(key_path, abstract):
+
+def _plan(pure_abs, reader: SafetensorsReader, cfg: ModelConfig, init_missing_value_head: bool) -> _Plan:
+  """Checks every tensor against the abstract model from headers only; raises listing all problems."""
+  problems, hints = [], []
+  keys, missing = _match_params(pure_abs, reader, problems)
+  fresh = _value_head_source(missing, init_missing_value_head, cfg, reader.hf_dir, problems, hints)
+  _check_unexpected(reader, {k for k, _ in keys.values()}, cfg, problems, hints)
+  if problems:
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    raise CheckpointError(f"{reader.hf_dir}: checkpoint does not match the model ({len(problems)} problems):\n  - "
+                          + "\n  - ".join(shown) + "".join(f"\nhint: {h}" for h in hints))
+  return _Plan(keys=keys, fresh=fresh)
+
+
+def _match_params(pure_abs, reader: SafetensorsReader, problems: list[str]):
+  """Finds each parameter's HF tensor and checks its shape and dtype; returns (keys, missing)."""
+  keys, missing = {}, {}
+  for key_path, abstract in jax.tree_util.tree_flatten_with_path(pure_abs)[0]:
     path = _dotted(key_path)
-    hf_key, from_hf, _ = _hf_rule(path)
+    hf_key, layout = _hf_rule(path)
+    _check_layout(layout, len(abstract.shape), path)
+    expected = hf_shape(layout, abstract.shape)
+    where = f"parameter {path} {tuple(abstract.shape)} {abstract.dtype}"
     if hf_key not in reader.keys():
-      raise CheckpointError(f"{hf_dir}: missing tensor {hf_key!r} (for parameter {path}, shape {abstract.shape})")
-    raw = reader.get(hf_key)
-    if not np.issubdtype(raw.dtype, np.floating) and raw.dtype != jnp.bfloat16:
-      raise CheckpointError(f"{hf_dir}: tensor {hf_key!r} has dtype {raw.dtype}; expected a float type")
-    expected_hf_shape = _hf_rule(path)[2](np.empty(abstract.shape, np.int8), cfg).shape
-    if raw.shape != expected_hf_shape:
-      raise CheckpointError(f"{hf_dir}: tensor {hf_key!r} has shape {raw.shape}, expected {expected_hf_shape} "
-                            f"(parameter {path} {abstract.shape})")
-    used.add(hf_key)
-    value = np.asarray(from_hf(raw, cfg)).astype(abstract.dtype)
-    sharding = None
-    if pure_shardings is not None:
-      sharding = _lookup(pure_shardings, key_path)
-    return _place(value, sharding)
+      missing[path] = f"missing tensor {hf_key!r}: model expects shape {expected} ({where})"
+      continue
+    keys[path] = (hf_key, layout)
+    shape, dtype = reader.shape(hf_key), reader.dtype(hf_key)
+    if shape != expected:
+      problems.append(f"shape mismatch for {hf_key!r}: checkpoint has {shape}, model expects {expected} ({where})")
+    if dtype not in _FLOAT_DTYPES:
+      problems.append(f"dtype mismatch for {hf_key!r}: checkpoint has {dtype} {shape}, model expects a float "
+                      f"tensor ({'/'.join(_FLOAT_DTYPES)}) of shape {expected} ({where})")
+  return keys, missing
 
-  loaded = jax.tree_util.tree_map_with_path(load, pure_abs)
+
+def _value_head_source(missing: dict[str, str], init_missing_value_head: bool, cfg: ModelConfig, hf_dir: str,
+                       problems: list[str], hints: list[str]) -> dict[str, np.ndarray]:
+  """Reports missing tensors; a wholly missing value head is initialised fresh only when asked to."""
+  head = [p for p in missing if p.startswith("v_head.")]
+  whole_head = len(head) == 2
+  if init_missing_value_head and whole_head:
+    log.info("%s: no value head stored; initialised a fresh one (init_missing_value_head=True)", hf_dir)
+    problems += [msg for p, msg in missing.items() if p not in head]
+    return _fresh_value_head(cfg.hidden_size)
+  problems += list(missing.values())
+  if whole_head:
+    hints.append("no value head stored: pass init_missing_value_head=True to start a PPM from a policy checkpoint")
+  elif head:
+    hints.append("the value head is only partly stored; a stored and a fresh half are never mixed")
+  return {}
+
+
+def _check_unexpected(reader: SafetensorsReader, used: set[str], cfg: ModelConfig, problems: list[str],
+                      hints: list[str]) -> None:
   unexpected = reader.keys() - used
-  if cfg.tie_embeddings:
-    unexpected.discard("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-  if unexpected:
-    raise CheckpointError(f"{hf_dir}: unexpected tensors not used by the model: {sorted(unexpected)[:10]}"
-                          f"{' ...' if len(unexpected) > 10 else ''}")
-  nnx.replace_by_pure_dict(abs_state, loaded)
-  return nnx.merge(graphdef, abs_state)
+  skipped = {k for k in unexpected if k.endswith(_IGNORED_SUFFIXES)}
+  if skipped:
+    log.info("%s: skipping %d non-parameter buffers such as %s", reader.hf_dir, len(skipped), min(skipped))
+  unexpected -= skipped
+  if cfg.tie_embeddings and "lm_head.weight" in unexpected:
+    unexpected.discard("lm_head.weight")
+    if not problems:  # reads two tensors, so only once the rest is known to be sound
+      problems += _check_tied_head(reader, cfg)
+  for key in sorted(unexpected):
+    problems.append(f"unexpected tensor {key!r} {reader.shape(key)}: not used by the model")
+  if any(k.startswith("v_head.") for k in unexpected):
+    hints.append("the checkpoint has a value head: load it with ppm=True")
+  if any(k.startswith(("layers.", "embed_tokens.")) for k in unexpected):
+    hints.append("keys lack the 'model.' prefix of Qwen2ForCausalLM (a bare Qwen2Model export?)")
+
+
+def _check_tied_head(reader: SafetensorsReader, cfg: ModelConfig) -> list[str]:
+  """A tied config may still store `lm_head.weight`: fine if it is the embedding, else HF unties them."""
+  embed_key = "model.embed_tokens.weight"
+  head, embed = reader.shape("lm_head.weight"), reader.shape(embed_key)
+  if head != embed:
+    return [f"shape mismatch for 'lm_head.weight': checkpoint has {head}, tied embedding {embed_key!r} is {embed}"]
+  if not np.array_equal(reader.read("lm_head.weight"), reader.read(embed_key)):
+    # transformers then loads the two separately (it warns and does not tie); we would silently differ.
+    return ["'lm_head.weight' differs from 'model.embed_tokens.weight' although tie_word_embeddings=true "
+            "(transformers then unties them): load with tie_embeddings=False"]
+  log.info("%s: tied checkpoint also stores lm_head.weight (equal to the embedding); skipping it", reader.hf_dir)
+  return []
 
 
 def _lookup(tree, key_path):
@@ -182,14 +287,53 @@ def _lookup(tree, key_path):
   return tree
 
 
+def load_state_into(abstract_model: nnx.Module, hf_dir: str, mesh: jax.sharding.Mesh | None = None, *,
+                    init_missing_value_head: bool = False) -> nnx.Module:
+  """Fills an abstract (`nnx.eval_shape`) model from an HF directory; every key must match exactly.
+
+  With `mesh`, parameters get `parallel.state_shardings` and each device's shard is read on its own.
+  """
+  cfg: ModelConfig = abstract_model.config
+  graphdef, abs_state = nnx.split(abstract_model)
+  pure_abs = nnx.to_pure_dict(abs_state)
+  pure_shardings = nnx.to_pure_dict(parallel.state_shardings(abs_state, mesh)) if mesh is not None else None
+  reader = SafetensorsReader(hf_dir)
+  plan = _plan(pure_abs, reader, cfg, init_missing_value_head)
+
+  def load(key_path, abstract):
+    path = _dotted(key_path)
+    if path in plan.fresh:
+      value = plan.fresh[path]
+      block = lambda index: value[index]
+    else:
+      hf_key, layout = plan.keys[path]
+      block = lambda index: reader.read_block(hf_key, layout, abstract.shape, index).astype(abstract.dtype)
+    if pure_shardings is None:
+      return jnp.asarray(block(tuple(slice(None) for _ in abstract.shape)))
+    return jax.make_array_from_callback(abstract.shape, _lookup(pure_shardings, key_path), block)
+
+  loaded = jax.tree_util.tree_map_with_path(load, pure_abs)
+  nnx.replace_by_pure_dict(abs_state, loaded)
+  return nnx.merge(graphdef, abs_state)
+
+
 def load_hf(hf_dir: str, *, ppm: bool = False, mesh: jax.sharding.Mesh | None = None,
-            **config_overrides) -> Qwen2 | PPM:
-  """An HF Qwen2 directory -> our policy (`Qwen2`) or, with `ppm=True`, our `PPM`."""
+            init_missing_value_head: bool = False, **config_overrides) -> Qwen2 | PPM:
+  """An HF Qwen2 directory -> our policy (`Qwen2`) or, with `ppm=True`, our `PPM`.
+
+  `init_missing_value_head=True` (PPM only) starts the value head fresh when the directory has none,
+  as round 1 does when it builds the PPM from a policy checkpoint. `config_overrides` replace
+  `ModelConfig` fields, e.g. `dtype="float32"` or `attention_impl="dot_product"`.
+  """
+  if init_missing_value_head and not ppm:
+    raise ValueError("init_missing_value_head=True only applies with ppm=True")
+  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    raise CheckpointError(f"{hf_dir}: no config.json (not an HF model directory)")
   cfg = from_hf_config(hf_dir, **config_overrides)
   if mesh is not None:
     parallel.check_tensor_parallel(mesh, cfg.num_kv_heads)
   build = (lambda: PPM(cfg, rngs=nnx.Rngs(0))) if ppm else (lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-  return load_state_into(nnx.eval_shape(build), hf_dir, mesh)
+  return load_state_into(nnx.eval_shape(build), hf_dir, mesh, init_missing_value_head=init_missing_value_head)
 
 
 def _to_numpy(x: jax.Array) -> np.ndarray:
@@ -197,6 +341,26 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+def _remove_old_weights(out_dir: str) -> None:
+  # A stale index or shard set from an earlier export would otherwise shadow or mix with the new one.
+  for name in [SINGLE_FILE, INDEX_FILE] + [os.path.basename(p) for p in glob.glob(
+      os.path.join(out_dir, "model-*-of-*.safetensors"))]:
+    path = os.path.join(out_dir, name)
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def _shard(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+  shards, current, size = [], {}, 0
+  for key in sorted(tensors):
+    if current and size + tensors[key].nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[key] = tensors[key]
+    size += tensors[key].nbytes
+  return shards + [current]
 
 
 def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: int = 5 << 30) -> None:
@@ -207,29 +371,23 @@ def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: i
   cfg: ModelConfig = model.config
   tensors: dict[str, np.ndarray] = {}
   for key_path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]:
-    hf_key, _, to_hf = _hf_rule(_dotted(key_path))
-    tensors[hf_key] = np.ascontiguousarray(to_hf(_to_numpy(value), cfg))
+    hf_key, layout = _hf_rule(_dotted(key_path))
+    tensors[hf_key] = to_hf(_to_numpy(value), layout)
   if jax.process_index() != 0:
     return
   os.makedirs(out_dir, exist_ok=True)
-  shards, current, size = [], {}, 0
-  for key in sorted(tensors):
-    if current and size + tensors[key].nbytes > max_shard_bytes:
-      shards.append(current)
-      current, size = {}, 0
-    current[key] = tensors[key]
-    size += tensors[key].nbytes
-  shards.append(current)
+  _remove_old_weights(out_dir)
+  shards = _shard(tensors, max_shard_bytes)
   metadata = {"format": "pt"}
   if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+    safetensors.numpy.save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
   else:
     weight_map = {}
     for i, shard in enumerate(shards):
       name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
       safetensors.numpy.save_file(shard, os.path.join(out_dir, name), metadata=metadata)
       weight_map.update({k: name for k in shard})
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map},
                 f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:

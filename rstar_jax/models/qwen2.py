@@ -136,7 +136,9 @@ class Qwen2(nnx.Module):
       slots = jnp.arange(cache.length)
       query_slots = index + jnp.arange(tokens.shape[1])
       mask = (slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]  # [B, T, S]
-    x = jnp.take(self.embed[...], tokens, axis=0)
+    # Gather the FSDP-sharded embedding dim first, so the lookup needs no full rematerialisation.
+    table = parallel.constrain(self.embed[...], ("vocab", "act_embed"))
+    x = jnp.take(table, tokens, axis=0)
     x = parallel.constrain(x, ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
