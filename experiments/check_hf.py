@@ -31,131 +31,131 @@ _TOP_K = 5
 
 
 def _tokenizer(hf_dir: str):
-  if not any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES):
-    return None
-  from rstar_jax import tokenizer as tk
-  # The project's AutoTokenizer load, without adding the step tags (their ids may exceed the vocab).
-  return tk.load_tokenizer(hf_dir, add_step_tags=False)
+    if not any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES):
+        return None
+    from rstar_jax import tokenizer as tk
+    # The project's AutoTokenizer load, without adding the step tags (their ids may exceed the vocab).
+    return tk.load_tokenizer(hf_dir, add_step_tags=False)
 
 
 def _token_ids(tokenizer, prompt: str, vocab_size: int) -> list[int]:
-  if tokenizer is None:  # spread over the vocabulary so that embedding rows beyond the first few are used
-    return [(7919 * i + 11) % vocab_size for i in range(_FIXED_LENGTH)]
-  ids = tokenizer.encode(prompt)
-  if not ids:
-    raise ValueError(f"--prompt={prompt!r} encodes to no tokens")
-  too_big = [i for i in ids if i >= vocab_size]
-  if too_big:
-    raise ValueError(f"the tokenizer gives ids {too_big[:5]} beyond the model's vocab_size={vocab_size}")
-  return ids
+    if tokenizer is None:  # spread over the vocabulary so that embedding rows beyond the first few are used
+        return [(7919 * i + 11) % vocab_size for i in range(_FIXED_LENGTH)]
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError(f"--prompt={prompt!r} encodes to no tokens")
+    too_big = [i for i in ids if i >= vocab_size]
+    if too_big:
+        raise ValueError(f"the tokenizer gives ids {too_big[:5]} beyond the model's vocab_size={vocab_size}")
+    return ids
 
 
 def _show(tokenizer, token_id: int) -> str:
-  return repr(tokenizer.decode([token_id])) if tokenizer is not None else "-"
+    return repr(tokenizer.decode([token_id])) if tokenizer is not None else "-"
 
 
 def _run_ours(model, ids: list[int], ppm: bool) -> tuple[np.ndarray, float | None]:
-  """fp32 logits [T, V] of one unpadded row, and the PPM score at its last token."""
-  import jax.numpy as jnp
-  from rstar_jax.models import positions_from_mask
-  tokens = jnp.asarray([ids], jnp.int32)
-  mask = jnp.ones_like(tokens, bool)
-  backbone = model.backbone if ppm else model
-  hidden, _ = backbone(tokens, positions_from_mask(mask), mask)
-  logits = np.asarray(backbone.logits(hidden))[0]
-  score = float(model(tokens, mask)[0]) if ppm else None
-  return logits, score
+    """fp32 logits [T, V] of one unpadded row, and the PPM score at its last token."""
+    import jax.numpy as jnp
+    from rstar_jax.models import positions_from_mask
+    tokens = jnp.asarray([ids], jnp.int32)
+    mask = jnp.ones_like(tokens, bool)
+    backbone = model.backbone if ppm else model
+    hidden, _ = backbone(tokens, positions_from_mask(mask), mask)
+    logits = np.asarray(backbone.logits(hidden))[0]
+    score = float(model(tokens, mask)[0]) if ppm else None
+    return logits, score
 
 
 def _run_hf(torch, hf_dir: str, ids: list[int], ppm: bool) -> tuple[np.ndarray, float | None]:
-  """HF's fp32 logits [T, V], and the value head reimplemented on HF's last (final-norm) hidden state."""
-  import transformers
-  from rstar_jax.models.hf_io import SafetensorsReader
-  verbosity = transformers.logging.get_verbosity()
-  transformers.logging.set_verbosity_error()  # a PPM's v_head keys are reported as unexpected: expected here
-  transformers.logging.disable_progress_bar()
-  try:
-    model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-  finally:
-    transformers.logging.set_verbosity(verbosity)
-    transformers.logging.enable_progress_bar()
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor([ids], dtype=torch.long), output_hidden_states=True)
-    logits = out.logits[0].float().numpy()
-    if not ppm:
-      return logits, None
-    reader = SafetensorsReader(hf_dir)
-    weight = torch.from_numpy(reader.read("v_head.summary.weight").astype(np.float32))  # [1, D]
-    bias = torch.from_numpy(reader.read("v_head.summary.bias").astype(np.float32))  # [1]
-    score = torch.nn.functional.linear(out.hidden_states[-1][0, -1].float(), weight, bias)
-  return logits, float(score[0])
+    """HF's fp32 logits [T, V], and the value head reimplemented on HF's last (final-norm) hidden state."""
+    import transformers
+    from rstar_jax.models.hf_io import SafetensorsReader
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a PPM's v_head keys are reported as unexpected: expected here
+    transformers.logging.disable_progress_bar()
+    try:
+        model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], dtype=torch.long), output_hidden_states=True)
+        logits = out.logits[0].float().numpy()
+        if not ppm:
+            return logits, None
+        reader = SafetensorsReader(hf_dir)
+        weight = torch.from_numpy(reader.read("v_head.summary.weight").astype(np.float32))  # [1, D]
+        bias = torch.from_numpy(reader.read("v_head.summary.bias").astype(np.float32))  # [1]
+        score = torch.nn.functional.linear(out.hidden_states[-1][0, -1].float(), weight, bias)
+    return logits, float(score[0])
 
 
 def _print_top_tokens(logits: np.ndarray, tokenizer) -> None:
-  top = np.argsort(-logits[-1])[:_TOP_K]
-  print(f"our top {_TOP_K} next tokens after the last position:")
-  for t in top:
-    print(f"  {t:>7d}  logit={logits[-1, t]:+.4f}  {_show(tokenizer, int(t))}")
+    top = np.argsort(-logits[-1])[:_TOP_K]
+    print(f"our top {_TOP_K} next tokens after the last position:")
+    for t in top:
+        print(f"  {t:>7d}  logit={logits[-1, t]:+.4f}  {_show(tokenizer, int(t))}")
 
 
 def _print_agreement(ids, ours: np.ndarray, ref: np.ndarray, tokenizer) -> float:
-  diff = np.abs(ours - ref).max(axis=-1)  # per position
-  print(f"{'pos':>4} {'token':>7} {'max_abs_diff':>13} {'argmax ours':>12} {'argmax hf':>10}  agree  text")
-  for pos, token in enumerate(ids):
-    a, b = int(ours[pos].argmax()), int(ref[pos].argmax())
-    print(f"{pos:>4} {token:>7d} {diff[pos]:>13.3e} {a:>12d} {b:>10d}  {'yes' if a == b else 'NO ':<5}  "
-          f"{_show(tokenizer, token)}")
-  agree = int(sum(ours[p].argmax() == ref[p].argmax() for p in range(len(ids))))
-  print(f"argmax agrees at {agree}/{len(ids)} positions")
-  return float(diff.max())
+    diff = np.abs(ours - ref).max(axis=-1)  # per position
+    print(f"{'pos':>4} {'token':>7} {'max_abs_diff':>13} {'argmax ours':>12} {'argmax hf':>10}  agree  text")
+    for pos, token in enumerate(ids):
+        a, b = int(ours[pos].argmax()), int(ref[pos].argmax())
+        print(f"{pos:>4} {token:>7d} {diff[pos]:>13.3e} {a:>12d} {b:>10d}  {'yes' if a == b else 'NO ':<5}  "
+              f"{_show(tokenizer, token)}")
+    agree = int(sum(ours[p].argmax() == ref[p].argmax() for p in range(len(ids))))
+    print(f"argmax agrees at {agree}/{len(ids)} positions")
+    return float(diff.max())
 
 
 def check(hf_dir: str, *, ppm: bool = False, tolerance: float = 1e-4, prompt: str = "") -> int:
-  """Runs the check and prints its report; returns the process exit status."""
-  from rstar_jax.models.hf_io import load_hf
-  try:
-    model = load_hf(hf_dir, ppm=ppm, dtype="float32")  # fp32 on both sides, so the tolerance means parity
-  except ValueError as e:  # CheckpointError and config errors: the directory itself is the problem
-    print(f"FAILED: {hf_dir} does not load into our model:\n{e}")
-    return 1
-  cfg = model.config
-  print(f"{hf_dir}: {'PPM' if ppm else 'policy'}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"heads {cfg.num_heads}/{cfg.num_kv_heads}, vocab {cfg.vocab_size}, rope_theta {cfg.rope_theta:g}, "
-        f"tied {cfg.tie_embeddings}")
-  tokenizer = _tokenizer(hf_dir)
-  ids = _token_ids(tokenizer, prompt, cfg.vocab_size)
-  source = f"the tokenizer: {prompt!r}" if tokenizer is not None else "fixed ids (no tokenizer files)"
-  print(f"sample: {len(ids)} tokens from {source}")
-  ours, our_score = _run_ours(model, ids, ppm)
-  try:
-    import torch
-  except ImportError:
-    _print_top_tokens(ours, tokenizer)
+    """Runs the check and prints its report; returns the process exit status."""
+    from rstar_jax.models.hf_io import load_hf
+    try:
+        model = load_hf(hf_dir, ppm=ppm, dtype="float32")  # fp32 on both sides, so the tolerance means parity
+    except ValueError as e:  # CheckpointError and config errors: the directory itself is the problem
+        print(f"FAILED: {hf_dir} does not load into our model:\n{e}")
+        return 1
+    cfg = model.config
+    print(f"{hf_dir}: {'PPM' if ppm else 'policy'}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"heads {cfg.num_heads}/{cfg.num_kv_heads}, vocab {cfg.vocab_size}, rope_theta {cfg.rope_theta:g}, "
+          f"tied {cfg.tie_embeddings}")
+    tokenizer = _tokenizer(hf_dir)
+    ids = _token_ids(tokenizer, prompt, cfg.vocab_size)
+    source = f"the tokenizer: {prompt!r}" if tokenizer is not None else "fixed ids (no tokenizer files)"
+    print(f"sample: {len(ids)} tokens from {source}")
+    ours, our_score = _run_ours(model, ids, ppm)
+    try:
+        import torch
+    except ImportError:
+        _print_top_tokens(ours, tokenizer)
+        if ppm:
+            print(f"our value head score: {our_score:+.6f}")
+        print("NOTE: torch is not installed, so HF's PyTorch model was not run and nothing was compared; "
+              "install torch (pip install torch) for the parity check")
+        return 0
+    ref, hf_score = _run_hf(torch, hf_dir, ids, ppm)
+    max_diff = _print_agreement(ids, ours, ref, tokenizer)
     if ppm:
-      print(f"our value head score: {our_score:+.6f}")
-    print("NOTE: torch is not installed, so HF's PyTorch model was not run and nothing was compared; "
-          "install torch (pip install torch) for the parity check")
-    return 0
-  ref, hf_score = _run_hf(torch, hf_dir, ids, ppm)
-  max_diff = _print_agreement(ids, ours, ref, tokenizer)
-  if ppm:
-    score_diff = abs(our_score - hf_score)
-    print(f"value head score: ours={our_score:+.6f} hf={hf_score:+.6f} abs_diff={score_diff:.3e}")
-    max_diff = float(np.max([max_diff, score_diff]))  # np.max keeps a NaN; builtin max may drop it
-  ok = math.isfinite(max_diff) and max_diff <= tolerance  # NaN must fail, not compare False and pass
-  print(f"{'OK' if ok else 'FAILED'}: max abs difference {max_diff:.3e} {'<=' if ok else 'is not <='} "
-        f"tolerance {tolerance:g}")
-  print(f"max_abs_diff={max_diff:.6g}")
-  return 0 if ok else 1
+        score_diff = abs(our_score - hf_score)
+        print(f"value head score: ours={our_score:+.6f} hf={hf_score:+.6f} abs_diff={score_diff:.3e}")
+        max_diff = float(np.max([max_diff, score_diff]))  # np.max keeps a NaN; builtin max may drop it
+    ok = math.isfinite(max_diff) and max_diff <= tolerance  # NaN must fail, not compare False and pass
+    print(f"{'OK' if ok else 'FAILED'}: max abs difference {max_diff:.3e} {'<=' if ok else 'is not <='} "
+          f"tolerance {tolerance:g}")
+    print(f"max_abs_diff={max_diff:.6g}")
+    return 0 if ok else 1
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.hf_dir:
-    raise app.UsageError("--hf_dir is required")
-  return check(FLAGS.hf_dir, ppm=FLAGS.ppm, tolerance=FLAGS.tolerance, prompt=FLAGS.prompt)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.hf_dir:
+        raise app.UsageError("--hf_dir is required")
+    return check(FLAGS.hf_dir, ppm=FLAGS.ppm, tolerance=FLAGS.tolerance, prompt=FLAGS.prompt)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

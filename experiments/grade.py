@@ -23,81 +23,81 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """Flags are defined only when run as a program, so tests can import this module next to other
-  tools that define flags of the same name (absl refuses duplicate names in one process)."""
-  flags.DEFINE_string("pairs", None, "JSONL file of {\"pred\": ..., \"ref\": ...} lines")
-  flags.DEFINE_integer("num_workers", 2, "grader worker processes")
-  flags.DEFINE_float("timeout_s", 5.0, "time bound of one comparison, seconds")
-  flags.DEFINE_float("rel_tol", 1e-4, "relative tolerance for decimal numbers")
+    """Flags are defined only when run as a program, so tests can import this module next to other
+    tools that define flags of the same name (absl refuses duplicate names in one process)."""
+    flags.DEFINE_string("pairs", None, "JSONL file of {\"pred\": ..., \"ref\": ...} lines")
+    flags.DEFINE_integer("num_workers", 2, "grader worker processes")
+    flags.DEFINE_float("timeout_s", 5.0, "time bound of one comparison, seconds")
+    flags.DEFINE_float("rel_tol", 1e-4, "relative tolerance for decimal numbers")
 
 
 class PairsFileError(ValueError):
-  """A line of the pairs file that cannot be graded; the message names the file and line."""
+    """A line of the pairs file that cannot be graded; the message names the file and line."""
 
 
 def load_pairs(path: str) -> list[tuple[int, str, object]]:
-  """(line number, pred, ref) for every non-blank line of a JSONL pairs file."""
-  pairs = []
-  with open(path, "rb") as f:
-    for line_number, raw in enumerate(f, start=1):
-      where = f"{path}:{line_number}"
-      try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise PairsFileError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-      if not text.strip():
-        continue
-      try:
-        record = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise PairsFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise PairsFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      for field in ("pred", "ref"):
-        if field not in record:
-          raise PairsFileError(f"{where}: missing field {field!r}")
-      if not isinstance(record["pred"], str):
-        raise PairsFileError(f"{where}: field 'pred' must be a string, got {type(record['pred']).__name__}")
-      try:
-        reference_answers(record["ref"])
-      except (TypeError, ValueError) as e:
-        raise PairsFileError(f"{where}: field 'ref': {e}") from None
-      pairs.append((line_number, record["pred"], record["ref"]))
-  return pairs
+    """(line number, pred, ref) for every non-blank line of a JSONL pairs file."""
+    pairs = []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PairsFileError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PairsFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise PairsFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for field in ("pred", "ref"):
+                if field not in record:
+                    raise PairsFileError(f"{where}: missing field {field!r}")
+            if not isinstance(record["pred"], str):
+                raise PairsFileError(f"{where}: field 'pred' must be a string, got {type(record['pred']).__name__}")
+            try:
+                reference_answers(record["ref"])
+            except (TypeError, ValueError) as e:
+                raise PairsFileError(f"{where}: field 'ref': {e}") from None
+            pairs.append((line_number, record["pred"], record["ref"]))
+    return pairs
 
 
 def grade_pairs(pairs: list[tuple[int, str, object]], grader: Grader, out=sys.stdout) -> dict:
-  """Grade (line number, pred, ref) pairs, write one verdict line each and the summary; return it."""
-  started = time.monotonic()
-  verdicts = grader.grade_batch([(pred, ref) for _, pred, ref in pairs])
-  for (line_number, _, _), verdict in zip(pairs, verdicts):
-    out.write(json.dumps({"line": line_number, **verdict.to_dict()}, ensure_ascii=False) + "\n")
-  summary = {
-      "pairs": len(verdicts),
-      "equal": sum(v.equal for v in verdicts),
-      "timed_out": sum(v.timed_out for v in verdicts),
-      "no_answer": sum(v.extracted is None for v in verdicts),
-      "accuracy": sum(v.equal for v in verdicts) / len(verdicts) if verdicts else 0.0,
-      "wall_s": round(time.monotonic() - started, 3),
-  }
-  out.write(json.dumps({"summary": summary}) + "\n")
-  return summary
+    """Grade (line number, pred, ref) pairs, write one verdict line each and the summary; return it."""
+    started = time.monotonic()
+    verdicts = grader.grade_batch([(pred, ref) for _, pred, ref in pairs])
+    for (line_number, _, _), verdict in zip(pairs, verdicts):
+        out.write(json.dumps({"line": line_number, **verdict.to_dict()}, ensure_ascii=False) + "\n")
+    summary = {
+        "pairs": len(verdicts),
+        "equal": sum(v.equal for v in verdicts),
+        "timed_out": sum(v.timed_out for v in verdicts),
+        "no_answer": sum(v.extracted is None for v in verdicts),
+        "accuracy": sum(v.equal for v in verdicts) / len(verdicts) if verdicts else 0.0,
+        "wall_s": round(time.monotonic() - started, 3),
+    }
+    out.write(json.dumps({"summary": summary}) + "\n")
+    return summary
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.pairs:
-    raise app.UsageError("--pairs=FILE.jsonl is required")
-  try:
-    pairs = load_pairs(FLAGS.pairs)  # the whole file is checked before any worker starts
-  except (PairsFileError, OSError) as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
-  with Grader(num_workers=FLAGS.num_workers, timeout_s=FLAGS.timeout_s, rel_tol=FLAGS.rel_tol) as grader:
-    grade_pairs(pairs, grader)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.pairs:
+        raise app.UsageError("--pairs=FILE.jsonl is required")
+    try:
+        pairs = load_pairs(FLAGS.pairs)  # the whole file is checked before any worker starts
+    except (PairsFileError, OSError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    with Grader(num_workers=FLAGS.num_workers, timeout_s=FLAGS.timeout_s, rel_tol=FLAGS.rel_tol) as grader:
+        grade_pairs(pairs, grader)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+    define_flags()
+    app.run(main)

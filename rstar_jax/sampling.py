@@ -24,228 +24,233 @@ FINISH_REASONS = ("length", "stop", "eos")  # index = code stored on device
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  max_new_tokens: int = 256
-  temperature: float = 1.0  # 0 = greedy
-  top_p: float = 1.0
-  top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
 
 
 @dataclasses.dataclass
 class Sample:
-  """One continuation. `text` ends with its stop string when `finish_reason == "stop"`."""
+    """One continuation. `text` ends with its stop string when `finish_reason == "stop"`."""
 
-  token_ids: list[int]
-  text: str
-  logprobs: list[float]  # per generated token, under the model's (temperature 1) distribution
-  finish_reason: str  # "stop" | "eos" | "length"
-  stop: str | None = None  # which stop string ended it
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # per generated token, under the model's (temperature 1) distribution
+    finish_reason: str  # "stop" | "eos" | "length"
+    stop: str | None = None  # which stop string ended it
 
 
 @struct.dataclass
 class DecodeState:
-  cache: KVCache
-  logits: jax.Array  # [R, V] fp32: next-token logits, R = rows (prompts x n)
-  positions: jax.Array  # [R] int32: position of the next token
-  keys: jax.Array  # [R] typed PRNG keys, one stream per (prompt, sample)
-  tokens: jax.Array  # [R, S] int32 generated tokens (pad after finishing)
-  logprobs: jax.Array  # [R, S] fp32
-  recent: jax.Array  # [R, L] int32: the last L generated tokens, for multi-token stop sequences
-  done: jax.Array  # [R] bool
-  finish: jax.Array  # [R] int32 index into FINISH_REASONS
-  length: jax.Array  # [R] int32 tokens generated
-  step: jax.Array  # [] int32
+    cache: KVCache
+    logits: jax.Array  # [R, V] fp32: next-token logits, R = rows (prompts x n)
+    positions: jax.Array  # [R] int32: position of the next token
+    keys: jax.Array  # [R] typed PRNG keys, one stream per (prompt, sample)
+    tokens: jax.Array  # [R, S] int32 generated tokens (pad after finishing)
+    logprobs: jax.Array  # [R, S] fp32
+    recent: jax.Array  # [R, L] int32: the last L generated tokens, for multi-token stop sequences
+    done: jax.Array  # [R] bool
+    finish: jax.Array  # [R] int32 index into FINISH_REASONS
+    length: jax.Array  # [R] int32 tokens generated
+    step: jax.Array  # [] int32
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  raise ValueError(f"{what} of {n} exceeds the largest bucket {buckets[-1]}")
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} of {n} exceeds the largest bucket {buckets[-1]}")
 
 
 def _filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
-  """Temperature, top-k and top-p on [R, V] logits (masked entries -> -inf)."""
-  logits = logits / config.temperature
-  if config.top_k:
-    kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if config.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    # The smallest set whose mass reaches top_p: keep a token if the mass before it is < top_p.
-    keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < config.top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
+    """Temperature, top-k and top-p on [R, V] logits (masked entries -> -inf)."""
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if config.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest set whose mass reaches top_p: keep a token if the mass before it is < top_p.
+        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < config.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
 
 
 class Sampler:
-  """`generate(prompts, n)` -> n `Sample`s per prompt. Owns the compiled prefill/decode programs."""
+    """`generate(prompts, n)` -> n `Sample`s per prompt. Owns the compiled prefill/decode programs."""
 
-  def __init__(self, model: Qwen2, decode_fn: Callable[[list[int]], str], *,
-               stop_strings: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-               stop_sequences: Sequence[Sequence[int]] = (), eos_token_ids: Sequence[int] = (),
-               pad_id: int = 0, valid_vocab_size: int | None = None,
-               prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, batch_multiple: int = 1,
-               mesh: jax.sharding.Mesh | None = None):
-    """
-    decode_fn: token ids -> text (special tokens kept, no whitespace clean-up).
-    stop_strings: text stops, kept in the sample; checked on the decoded text, so a stop split across
-      tokens is still found. stop_token_ids / stop_sequences: the same stops in token form, checked on
-      device so rows finish early (a tag that is one special token, or its usual tokenisation).
-    valid_vocab_size: logits at ids >= this are never sampled (embedding rows beyond the tokenizer).
-    batch_multiple: the padded batch is a multiple of this (the mesh's batch-sharding size).
-    """
-    self.graphdef, self.params = nnx.split(model)
-    self.config = model.config
-    self.decode_fn = decode_fn
-    self.stop_strings = tuple(stop_strings)
-    self.pad_id = pad_id
-    self.prompt_buckets = tuple(sorted(prompt_buckets))
-    self.batch_multiple = batch_multiple
-    self.mesh = mesh
-    seqs = [list(s) for s in stop_sequences] + [[t] for t in stop_token_ids]
-    width = max([len(s) for s in seqs], default=1)
-    # [K, L] right-aligned stop sequences, -1 = wildcard (shorter sequences).
-    self._stop_seqs = np.full((max(len(seqs), 1), width), -1, np.int32)
-    self._stop_seqs[:, -1] = -3  # an empty table never matches
-    for i, s in enumerate(seqs):
-      self._stop_seqs[i, width - len(s):] = s
-    self._eos = np.asarray(list(eos_token_ids) or [-3], np.int32)
-    vocab = self.config.vocab_size
-    self._vocab_mask = np.arange(vocab) < (valid_vocab_size or vocab)
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "max_new_tokens"))
-    self._decode = jax.jit(self._decode_impl, static_argnames=("config",), donate_argnums=(1,))
-    self.last_timing: dict[str, float] = {}
+    def __init__(self, model: Qwen2, decode_fn: Callable[[list[int]], str], *,
+                 stop_strings: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                 stop_sequences: Sequence[Sequence[int]] = (), eos_token_ids: Sequence[int] = (),
+                 pad_id: int = 0, valid_vocab_size: int | None = None,
+                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, batch_multiple: int = 1,
+                 mesh: jax.sharding.Mesh | None = None):
+        """
+        decode_fn: token ids -> text (special tokens kept, no whitespace clean-up).
+        stop_strings: text stops, kept in the sample; checked on the decoded text, so a stop split across
+          tokens is still found. stop_token_ids / stop_sequences: the same stops in token form, checked on
+          device so rows finish early (a tag that is one special token, or its usual tokenisation).
+        valid_vocab_size: logits at ids >= this are never sampled (embedding rows beyond the tokenizer).
+        batch_multiple: the padded batch is a multiple of this (the mesh's batch-sharding size).
+        """
+        self.graphdef, self.params = nnx.split(model)
+        self.config = model.config
+        self.decode_fn = decode_fn
+        self.stop_strings = tuple(stop_strings)
+        self.pad_id = pad_id
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.batch_multiple = batch_multiple
+        self.mesh = mesh
+        seqs = [list(s) for s in stop_sequences] + [[t] for t in stop_token_ids]
+        width = max([len(s) for s in seqs], default=1)
+        # [K, L] right-aligned stop sequences, -1 = wildcard (shorter sequences).
+        self._stop_seqs = np.full((max(len(seqs), 1), width), -1, np.int32)
+        self._stop_seqs[:, -1] = -3  # an empty table never matches
+        for i, s in enumerate(seqs):
+            self._stop_seqs[i, width - len(s):] = s
+        self._eos = np.asarray(list(eos_token_ids) or [-3], np.int32)
+        vocab = self.config.vocab_size
+        self._vocab_mask = np.arange(vocab) < (valid_vocab_size or vocab)
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "max_new_tokens"))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("config",), donate_argnums=(1,))
+        self.last_timing: dict[str, float] = {}
 
-  # ---- device programs -----------------------------------------------------------------------
+    # ---- device programs -----------------------------------------------------------------------
 
-  def _prefill_impl(self, params, tokens, mask, row_keys, *, n: int, max_new_tokens: int) -> DecodeState:
-    """tokens, mask: [B, P] left-padded; row_keys: [B * n]. Prefill once, then repeat each row n times."""
-    model = nnx.merge(self.graphdef, params)
-    b, p = tokens.shape
-    cache = KVCache.zeros(self.config, b, p + max_new_tokens)
-    hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
-    logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every row's last token at P-1
-    fan = lambda x: jnp.repeat(x, n, axis=0)
-    cache = KVCache(k=tuple(map(fan, cache.k)), v=tuple(map(fan, cache.v)), valid=fan(cache.valid), index=cache.index)
-    rows = b * n
-    return DecodeState(
-        cache=cache, logits=fan(logits), positions=fan(jnp.sum(mask, axis=-1).astype(jnp.int32)), keys=row_keys,
-        tokens=jnp.full((rows, max_new_tokens), self.pad_id, jnp.int32),
-        logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
-        recent=jnp.full((rows, self._stop_seqs.shape[1]), -2, jnp.int32),
-        done=jnp.zeros((rows,), bool), finish=jnp.zeros((rows,), jnp.int32),
-        length=jnp.zeros((rows,), jnp.int32), step=jnp.zeros((), jnp.int32))
+    def _prefill_impl(self, params, tokens, mask, row_keys, *, n: int, max_new_tokens: int) -> DecodeState:
+        """tokens, mask: [B, P] left-padded; row_keys: [B * n]. Prefill once, then repeat each row n times."""
+        model = nnx.merge(self.graphdef, params)
+        b, p = tokens.shape
+        cache = KVCache.zeros(self.config, b, p + max_new_tokens)
+        hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
+        logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every row's last token at P-1
+        fan = lambda x: jnp.repeat(x, n, axis=0)
+        cache = KVCache(k=tuple(map(fan, cache.k)), v=tuple(map(fan, cache.v)), valid=fan(cache.valid),
+                        index=cache.index)
+        rows = b * n
+        return DecodeState(
+            cache=cache, logits=fan(logits), positions=fan(jnp.sum(mask, axis=-1).astype(jnp.int32)), keys=row_keys,
+            tokens=jnp.full((rows, max_new_tokens), self.pad_id, jnp.int32),
+            logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+            recent=jnp.full((rows, self._stop_seqs.shape[1]), -2, jnp.int32),
+            done=jnp.zeros((rows,), bool), finish=jnp.zeros((rows,), jnp.int32),
+            length=jnp.zeros((rows,), jnp.int32), step=jnp.zeros((), jnp.int32))
 
-  def _decode_impl(self, params, state: DecodeState, *, config: SamplingConfig) -> DecodeState:
-    model = nnx.merge(self.graphdef, params)
-    max_steps = state.tokens.shape[1]
-    stop_seqs, eos, vocab_mask = jnp.asarray(self._stop_seqs), jnp.asarray(self._eos), jnp.asarray(self._vocab_mask)
+    def _decode_impl(self, params, state: DecodeState, *, config: SamplingConfig) -> DecodeState:
+        model = nnx.merge(self.graphdef, params)
+        max_steps = state.tokens.shape[1]
+        stop_seqs, eos = jnp.asarray(self._stop_seqs), jnp.asarray(self._eos)
+        vocab_mask = jnp.asarray(self._vocab_mask)
 
-    def cond(s: DecodeState):
-      return (s.step < max_steps) & ~jnp.all(s.done)
+        def cond(s: DecodeState):
+            return (s.step < max_steps) & ~jnp.all(s.done)
 
-    def body(s: DecodeState):
-      logits = jnp.where(vocab_mask, s.logits, -jnp.inf)  # [R, V]
-      if config.temperature == 0:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      else:
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-        token = jax.vmap(jax.random.categorical)(step_keys, _filter_logits(logits, config)).astype(jnp.int32)
-      logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-      live = ~s.done
-      token = jnp.where(live, token, self.pad_id)
-      recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)  # [R, L]
-      hit_stop = jnp.any(jnp.all((stop_seqs[None] == -1) | (stop_seqs[None] == recent[:, None]), -1), -1)
-      hit_eos = jnp.any(token[:, None] == eos[None], -1)
-      finish = jnp.where(live & hit_stop, 1, jnp.where(live & hit_eos, 2, s.finish))
-      hidden, cache = model(token[:, None], s.positions[:, None], jnp.ones_like(token, bool)[:, None], s.cache)
-      return DecodeState(
-          cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1, keys=s.keys,
-          tokens=s.tokens.at[:, s.step].set(token), logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0)),
-          recent=recent, done=s.done | hit_stop | hit_eos, finish=finish, length=s.length + live.astype(jnp.int32),
-          step=s.step + 1)
+        def body(s: DecodeState):
+            logits = jnp.where(vocab_mask, s.logits, -jnp.inf)  # [R, V]
+            if config.temperature == 0:
+                token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            else:
+                step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
+                token = jax.vmap(jax.random.categorical)(step_keys, _filter_logits(logits, config)).astype(jnp.int32)
+            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+            live = ~s.done
+            token = jnp.where(live, token, self.pad_id)
+            recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)  # [R, L]
+            hit_stop = jnp.any(jnp.all((stop_seqs[None] == -1) | (stop_seqs[None] == recent[:, None]), -1), -1)
+            hit_eos = jnp.any(token[:, None] == eos[None], -1)
+            finish = jnp.where(live & hit_stop, 1, jnp.where(live & hit_eos, 2, s.finish))
+            hidden, cache = model(token[:, None], s.positions[:, None], jnp.ones_like(token, bool)[:, None], s.cache)
+            return DecodeState(
+                cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1, keys=s.keys,
+                tokens=s.tokens.at[:, s.step].set(token),
+                logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0)),
+                recent=recent, done=s.done | hit_stop | hit_eos, finish=finish,
+                length=s.length + live.astype(jnp.int32),
+                step=s.step + 1)
 
-    return jax.lax.while_loop(cond, body, state)
+        return jax.lax.while_loop(cond, body, state)
 
-  # ---- host side -----------------------------------------------------------------------------
+    # ---- host side -----------------------------------------------------------------------------
 
-  def _pad_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(len(p) for p in prompts)
-    width = _bucket(longest, self.prompt_buckets, "prompt length")
-    rows = max(self.batch_multiple, 1 << (len(prompts) - 1).bit_length())
-    rows = -(-rows // self.batch_multiple) * self.batch_multiple
-    tokens = np.full((rows, width), self.pad_id, np.int32)
-    mask = np.zeros((rows, width), bool)
-    for i, p in enumerate(prompts):
-      if len(p) == 0:
-        raise ValueError(f"prompt {i} is empty")
-      tokens[i, width - len(p):] = p
-      mask[i, width - len(p):] = True
-    mask[len(prompts):, -1] = True  # filler rows: one real token so their attention is well-defined
-    return tokens, mask
+    def _pad_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        longest = max(len(p) for p in prompts)
+        width = _bucket(longest, self.prompt_buckets, "prompt length")
+        rows = max(self.batch_multiple, 1 << (len(prompts) - 1).bit_length())
+        rows = -(-rows // self.batch_multiple) * self.batch_multiple
+        tokens = np.full((rows, width), self.pad_id, np.int32)
+        mask = np.zeros((rows, width), bool)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            tokens[i, width - len(p):] = p
+            mask[i, width - len(p):] = True
+        mask[len(prompts):, -1] = True  # filler rows: one real token so their attention is well-defined
+        return tokens, mask
 
-  def _row_keys(self, seed: int, prompt_ids: Sequence[int], n: int, rows: int) -> jax.Array:
-    base = jax.random.key(seed)
-    ids = np.full((rows // n,), -1, np.int64)
-    ids[:len(prompt_ids)] = prompt_ids
-    per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(ids, jnp.uint32))
-    per_row = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(n, dtype=jnp.uint32)))(per_prompt)
-    return per_row.reshape(-1)
+    def _row_keys(self, seed: int, prompt_ids: Sequence[int], n: int, rows: int) -> jax.Array:
+        base = jax.random.key(seed)
+        ids = np.full((rows // n,), -1, np.int64)
+        ids[:len(prompt_ids)] = prompt_ids
+        per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(ids, jnp.uint32))
+        samples = jnp.arange(n, dtype=jnp.uint32)
+        per_row = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, samples))(per_prompt)
+        return per_row.reshape(-1)
 
-  def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, config: SamplingConfig = SamplingConfig(), *,
-               seed: int = 0, prompt_ids: Sequence[int] | None = None) -> list[list[Sample]]:
-    """prompts: token id lists. Returns n samples per prompt.
+    def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, config: SamplingConfig = SamplingConfig(), *,
+                 seed: int = 0, prompt_ids: Sequence[int] | None = None) -> list[list[Sample]]:
+        """prompts: token id lists. Returns n samples per prompt.
 
-    Sample j of prompt i draws from the stream (seed, prompt_ids[i], j) (prompt_ids default to the
-    positions), so a sample does not depend on what else is in the batch.
-    """
-    if not prompts:
-      return []
-    if prompt_ids is None:
-      prompt_ids = range(len(prompts))
-    if len(prompt_ids) != len(prompts):
-      raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
-    start = time.perf_counter()
-    tokens, mask = self._pad_batch(prompts)
-    keys = self._row_keys(seed, list(prompt_ids), n, tokens.shape[0] * n)
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-    with ctx:
-      state = self._prefill(self.params, tokens, mask, keys, n=n, max_new_tokens=config.max_new_tokens)
-      state = self._decode(self.params, state, config=config)
-      out_tokens, out_logprobs, finish, length = jax.device_get(
-          (state.tokens, state.logprobs, state.finish, state.length))
-    device_s = time.perf_counter() - start
-    results = [[self._to_sample(out_tokens[i * n + j], out_logprobs[i * n + j], int(finish[i * n + j]),
-                                int(length[i * n + j])) for j in range(n)] for i in range(len(prompts))]
-    self.last_timing = {"device_s": device_s, "host_s": time.perf_counter() - start - device_s,
-                        "steps": int(length.max(initial=0)), "batch_rows": tokens.shape[0] * n,
-                        "prompt_bucket": tokens.shape[1]}
-    return results
+        Sample j of prompt i draws from the stream (seed, prompt_ids[i], j) (prompt_ids default to the
+        positions), so a sample does not depend on what else is in the batch.
+        """
+        if not prompts:
+            return []
+        if prompt_ids is None:
+            prompt_ids = range(len(prompts))
+        if len(prompt_ids) != len(prompts):
+            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
+        start = time.perf_counter()
+        tokens, mask = self._pad_batch(prompts)
+        keys = self._row_keys(seed, list(prompt_ids), n, tokens.shape[0] * n)
+        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        with ctx:
+            state = self._prefill(self.params, tokens, mask, keys, n=n, max_new_tokens=config.max_new_tokens)
+            state = self._decode(self.params, state, config=config)
+            out_tokens, out_logprobs, finish, length = jax.device_get(
+                (state.tokens, state.logprobs, state.finish, state.length))
+        device_s = time.perf_counter() - start
+        results = [[self._to_sample(out_tokens[i * n + j], out_logprobs[i * n + j], int(finish[i * n + j]),
+                                    int(length[i * n + j])) for j in range(n)] for i in range(len(prompts))]
+        self.last_timing = {"device_s": device_s, "host_s": time.perf_counter() - start - device_s,
+                            "steps": int(length.max(initial=0)), "batch_rows": tokens.shape[0] * n,
+                            "prompt_bucket": tokens.shape[1]}
+        return results
 
-  def _to_sample(self, tokens: np.ndarray, logprobs: np.ndarray, finish: int, length: int) -> Sample:
-    ids = tokens[:length].tolist()
-    text = self.decode_fn(ids)
-    reason = FINISH_REASONS[finish]
-    cut = self._first_stop(text)
-    if cut is None:
-      return Sample(ids, text, logprobs[:length].tolist(), reason)
-    stop, end = cut
-    # Shortest token prefix whose text contains the stop (binary search: containment only grows).
-    lo, hi = 1, len(ids)
-    while lo < hi:
-      mid = (lo + hi) // 2
-      lo, hi = (lo, mid) if self._first_stop(self.decode_fn(ids[:mid])) is not None else (mid + 1, hi)
-    k = lo
-    return Sample(ids[:k], text[:end], logprobs[:k].tolist(), "stop", stop)
+    def _to_sample(self, tokens: np.ndarray, logprobs: np.ndarray, finish: int, length: int) -> Sample:
+        ids = tokens[:length].tolist()
+        text = self.decode_fn(ids)
+        reason = FINISH_REASONS[finish]
+        cut = self._first_stop(text)
+        if cut is None:
+            return Sample(ids, text, logprobs[:length].tolist(), reason)
+        stop, end = cut
+        # Shortest token prefix whose text contains the stop (binary search: containment only grows).
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self._first_stop(self.decode_fn(ids[:mid])) is not None else (mid + 1, hi)
+        k = lo
+        return Sample(ids[:k], text[:end], logprobs[:k].tolist(), "stop", stop)
 
-  def _first_stop(self, text: str) -> tuple[str, int] | None:
-    found = [(text.find(s), s) for s in self.stop_strings if s in text]
-    if not found:
-      return None
-    pos, stop = min(found)
-    return stop, pos + len(stop)
+    def _first_stop(self, text: str) -> tuple[str, int] | None:
+        found = [(text.find(s), s) for s in self.stop_strings if s in text]
+        if not found:
+            return None
+        pos, stop = min(found)
+        return stop, pos + len(stop)
 
-  def num_compilations(self) -> int:
-    return self._prefill._cache_size() + self._decode._cache_size()
+    def num_compilations(self) -> int:
+        return self._prefill._cache_size() + self._decode._cache_size()

@@ -12,111 +12,111 @@ SEEDED = SamplingConfig(max_new_tokens=24, temperature=1.0)
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  return Qwen2(preset("tiny").replace(vocab_size=64, num_layers=2), rngs=nnx.Rngs(0))
+    return Qwen2(preset("tiny").replace(vocab_size=64, num_layers=2), rngs=nnx.Rngs(0))
 
 
 def _decode_fn(table):
-  return lambda ids: "".join(table.get(i, "x") for i in ids)
+    return lambda ids: "".join(table.get(i, "x") for i in ids)
 
 
 def _prompts(seed, lengths, vocab=64):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(1, vocab, n).tolist() for n in lengths]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, n).tolist() for n in lengths]
 
 
 def test_greedy_equals_hf_generate(tmp_path):
-  torch = pytest.importorskip("torch")
-  from rstar_jax.models.hf_io import load_hf
-  from tests.hf_fixtures import make_hf_qwen2
-  hf_model = make_hf_qwen2(str(tmp_path), tied=False, rope_theta=1e6, heads=4, kv_heads=2)
-  sampler = Sampler(load_hf(str(tmp_path)), _decode_fn({}), prompt_buckets=(16, 32))
-  prompts = _prompts(0, [5, 11, 2, 20], vocab=160)
-  samples = sampler.generate(prompts, n=2, config=SamplingConfig(max_new_tokens=16, temperature=0.0))
-  for prompt, pair in zip(prompts, samples):
-    with torch.no_grad():
-      ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                              pad_token_id=0)[0, len(prompt):].tolist()
-    assert pair[0].token_ids == ref and pair[1].token_ids == ref
-    assert pair[0].finish_reason == "length"
+    torch = pytest.importorskip("torch")
+    from rstar_jax.models.hf_io import load_hf
+    from tests.hf_fixtures import make_hf_qwen2
+    hf_model = make_hf_qwen2(str(tmp_path), tied=False, rope_theta=1e6, heads=4, kv_heads=2)
+    sampler = Sampler(load_hf(str(tmp_path)), _decode_fn({}), prompt_buckets=(16, 32))
+    prompts = _prompts(0, [5, 11, 2, 20], vocab=160)
+    samples = sampler.generate(prompts, n=2, config=SamplingConfig(max_new_tokens=16, temperature=0.0))
+    for prompt, pair in zip(prompts, samples):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                    pad_token_id=0)[0, len(prompt):].tolist()
+        assert pair[0].token_ids == ref and pair[1].token_ids == ref
+        assert pair[0].finish_reason == "length"
 
 
 def test_stop_string_split_across_tokens(tiny_model):
-  prompt = _prompts(1, [9])
-  plain = Sampler(tiny_model, _decode_fn({})).generate(prompt, config=SEEDED)[0][0].token_ids
-  # Pick two consecutive generated tokens and make them spell the stop tag between them.
-  i = next(i for i in range(3, len(plain) - 1) if plain[i] != plain[i + 1])
-  a, b = plain[i], plain[i + 1]
-  table = {a: "<end_of", b: "_step>"}
-  expected_len = next(k for k in range(2, len(plain) + 1) if plain[k - 2:k] == [a, b])
-  # Text-only stop: found on the host, the sample is cut right after the tag.
-  text_only = Sampler(tiny_model, _decode_fn(table), stop_strings=["<end_of_step>"])
-  s = text_only.generate(prompt, config=SEEDED)[0][0]
-  assert s.finish_reason == "stop" and s.stop == "<end_of_step>"
-  assert s.token_ids == plain[:expected_len] and s.text.endswith("<end_of_step>")
-  assert len(s.logprobs) == expected_len
-  # Token-sequence stop as well: the device loop ends the row there, same result.
-  on_device = Sampler(tiny_model, _decode_fn(table), stop_strings=["<end_of_step>"], stop_sequences=[[a, b]])
-  s2 = on_device.generate(prompt, config=SEEDED)[0][0]
-  assert s2.token_ids == s.token_ids and s2.finish_reason == "stop"
-  assert on_device.last_timing["steps"] == expected_len
+    prompt = _prompts(1, [9])
+    plain = Sampler(tiny_model, _decode_fn({})).generate(prompt, config=SEEDED)[0][0].token_ids
+    # Pick two consecutive generated tokens and make them spell the stop tag between them.
+    i = next(i for i in range(3, len(plain) - 1) if plain[i] != plain[i + 1])
+    a, b = plain[i], plain[i + 1]
+    table = {a: "<end_of", b: "_step>"}
+    expected_len = next(k for k in range(2, len(plain) + 1) if plain[k - 2:k] == [a, b])
+    # Text-only stop: found on the host, the sample is cut right after the tag.
+    text_only = Sampler(tiny_model, _decode_fn(table), stop_strings=["<end_of_step>"])
+    s = text_only.generate(prompt, config=SEEDED)[0][0]
+    assert s.finish_reason == "stop" and s.stop == "<end_of_step>"
+    assert s.token_ids == plain[:expected_len] and s.text.endswith("<end_of_step>")
+    assert len(s.logprobs) == expected_len
+    # Token-sequence stop as well: the device loop ends the row there, same result.
+    on_device = Sampler(tiny_model, _decode_fn(table), stop_strings=["<end_of_step>"], stop_sequences=[[a, b]])
+    s2 = on_device.generate(prompt, config=SEEDED)[0][0]
+    assert s2.token_ids == s.token_ids and s2.finish_reason == "stop"
+    assert on_device.last_timing["steps"] == expected_len
 
 
 def test_stop_token_and_eos_end_rows_early(tiny_model):
-  prompt = _prompts(2, [7])
-  plain = Sampler(tiny_model, _decode_fn({})).generate(prompt, config=SEEDED)[0][0].token_ids
-  tag = plain[4]
-  first = plain.index(tag)
-  sampler = Sampler(tiny_model, _decode_fn({tag: "<end_of_code>"}), stop_strings=["<end_of_code>"],
-                    stop_token_ids=[tag])
-  s = sampler.generate(prompt, config=SEEDED)[0][0]
-  assert s.token_ids == plain[:first + 1] and s.finish_reason == "stop"
-  eos = Sampler(tiny_model, _decode_fn({}), eos_token_ids=[tag]).generate(prompt, config=SEEDED)[0][0]
-  assert eos.token_ids == plain[:first + 1] and eos.finish_reason == "eos"
+    prompt = _prompts(2, [7])
+    plain = Sampler(tiny_model, _decode_fn({})).generate(prompt, config=SEEDED)[0][0].token_ids
+    tag = plain[4]
+    first = plain.index(tag)
+    sampler = Sampler(tiny_model, _decode_fn({tag: "<end_of_code>"}), stop_strings=["<end_of_code>"],
+                      stop_token_ids=[tag])
+    s = sampler.generate(prompt, config=SEEDED)[0][0]
+    assert s.token_ids == plain[:first + 1] and s.finish_reason == "stop"
+    eos = Sampler(tiny_model, _decode_fn({}), eos_token_ids=[tag]).generate(prompt, config=SEEDED)[0][0]
+    assert eos.token_ids == plain[:first + 1] and eos.finish_reason == "eos"
 
 
 def test_fan_out_equals_separate_prefills(tiny_model):
-  prompts = _prompts(3, [4, 13, 9])
-  cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95)
-  sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(16,))
-  together = sampler.generate(prompts, n=3, config=cfg, seed=7)
-  for i, p in enumerate(prompts):
-    alone = sampler.generate([p], n=3, config=cfg, seed=7, prompt_ids=[i])[0]
-    for a, b in zip(together[i], alone):
-      assert a.token_ids == b.token_ids
-      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-  # Different samples of one prompt, and different seeds, draw different continuations.
-  assert len({tuple(s.token_ids) for s in together[1]}) > 1
-  other = sampler.generate(prompts, n=3, config=cfg, seed=8)
-  assert [s.token_ids for s in other[1]] != [s.token_ids for s in together[1]]
+    prompts = _prompts(3, [4, 13, 9])
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(16,))
+    together = sampler.generate(prompts, n=3, config=cfg, seed=7)
+    for i, p in enumerate(prompts):
+        alone = sampler.generate([p], n=3, config=cfg, seed=7, prompt_ids=[i])[0]
+        for a, b in zip(together[i], alone):
+            assert a.token_ids == b.token_ids
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # Different samples of one prompt, and different seeds, draw different continuations.
+    assert len({tuple(s.token_ids) for s in together[1]}) > 1
+    other = sampler.generate(prompts, n=3, config=cfg, seed=8)
+    assert [s.token_ids for s in other[1]] != [s.token_ids for s in together[1]]
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model):
-  prompts = _prompts(4, [6, 3])
-  sampler = Sampler(tiny_model, _decode_fn({}))
-  greedy = sampler.generate(prompts, config=SamplingConfig(max_new_tokens=10, temperature=0.0))
-  for cfg in (SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=1),
-              SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=1e-6)):
-    got = sampler.generate(prompts, config=cfg, seed=3)
-    assert [s[0].token_ids for s in got] == [s[0].token_ids for s in greedy]
+    prompts = _prompts(4, [6, 3])
+    sampler = Sampler(tiny_model, _decode_fn({}))
+    greedy = sampler.generate(prompts, config=SamplingConfig(max_new_tokens=10, temperature=0.0))
+    for cfg in (SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=1),
+                SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=1e-6)):
+        got = sampler.generate(prompts, config=cfg, seed=3)
+        assert [s[0].token_ids for s in got] == [s[0].token_ids for s in greedy]
 
 
 def test_invalid_vocab_rows_are_never_sampled(tiny_model):
-  sampler = Sampler(tiny_model, _decode_fn({}), valid_vocab_size=10)
-  out = sampler.generate(_prompts(5, [5, 8]), n=4, config=SamplingConfig(max_new_tokens=16), seed=1)
-  assert all(t < 10 for per_prompt in out for s in per_prompt for t in s.token_ids)
+    sampler = Sampler(tiny_model, _decode_fn({}), valid_vocab_size=10)
+    out = sampler.generate(_prompts(5, [5, 8]), n=4, config=SamplingConfig(max_new_tokens=16), seed=1)
+    assert all(t < 10 for per_prompt in out for s in per_prompt for t in s.token_ids)
 
 
 def test_compilations_bounded_by_buckets(tiny_model):
-  buckets = (16, 32, 64, 128)
-  sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=buckets)
-  lengths = np.random.default_rng(6).integers(1, 129, 50)
-  for i, n in enumerate(lengths):
-    sampler.generate(_prompts(i, [int(n)]), n=2, config=SamplingConfig(max_new_tokens=4), seed=i)
-  assert sampler._prefill._cache_size() <= len(buckets)
-  assert sampler._decode._cache_size() <= len(buckets)
+    buckets = (16, 32, 64, 128)
+    sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=buckets)
+    lengths = np.random.default_rng(6).integers(1, 129, 50)
+    for i, n in enumerate(lengths):
+        sampler.generate(_prompts(i, [int(n)]), n=2, config=SamplingConfig(max_new_tokens=4), seed=i)
+    assert sampler._prefill._cache_size() <= len(buckets)
+    assert sampler._decode._cache_size() <= len(buckets)
 
 
 def test_prompt_longer_than_largest_bucket_is_refused(tiny_model):
-  sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(8,))
-  with pytest.raises(ValueError, match="prompt length of 9 exceeds the largest bucket 8"):
-    sampler.generate(_prompts(0, [9]))
+    sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(8,))
+    with pytest.raises(ValueError, match="prompt length of 9 exceeds the largest bucket 8"):
+        sampler.generate(_prompts(0, [9]))

@@ -31,147 +31,147 @@ BENCH_CONFIG = dict(vocab_size=50000, hidden_size=512, num_layers=8, num_heads=8
 
 
 class PeakRSS:
-  """Peak resident memory above the starting point while the block runs (sampled every 5 ms)."""
+    """Peak resident memory above the starting point while the block runs (sampled every 5 ms)."""
 
-  def __enter__(self):
-    self.base = self.peak = self._rss()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._watch, daemon=True)
-    self._thread.start()
-    return self
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
 
-  def _watch(self):
-    while not self._stop.wait(0.005):
-      self.peak = max(self.peak, self._rss())
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
 
-  @staticmethod
-  def _rss() -> int:
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, self._rss())
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
 
-  @property
-  def delta_mib(self) -> float:
-    return (self.peak - self.base) / 2**20
+    @property
+    def delta_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
 
 
 def measure_machine():
-  """(matmul FLOP/s, memory bytes/s) of this machine through XLA, fp32."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((2048, 2048), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  start, reps = time.perf_counter(), 10
-  for _ in range(reps):
+    """(matmul FLOP/s, memory bytes/s) of this machine through XLA, fp32."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-  flops = 2 * 2048**3 * reps / (time.perf_counter() - start)
-  big = jnp.ones((64 << 20,), jnp.float32)  # 256 MiB, far beyond the caches
-  copy = jax.jit(lambda x: x * 1.0001)
-  copy(big).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(reps):
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        mm(a).block_until_ready()
+    flops = 2 * 2048**3 * reps / (time.perf_counter() - start)
+    big = jnp.ones((64 << 20,), jnp.float32)  # 256 MiB, far beyond the caches
+    copy = jax.jit(lambda x: x * 1.0001)
     copy(big).block_until_ready()
-  bandwidth = 2 * big.nbytes * reps / (time.perf_counter() - start)  # read + write
-  return flops, bandwidth
+    start = time.perf_counter()
+    for _ in range(reps):
+        copy(big).block_until_ready()
+    bandwidth = 2 * big.nbytes * reps / (time.perf_counter() - start)  # read + write
+    return flops, bandwidth
 
 
 def make_prompts(rng, num, lo, hi, vocab):
-  return [rng.integers(1, vocab, int(n)).tolist() for n in rng.integers(lo, hi + 1, num)]
+    return [rng.integers(1, vocab, int(n)).tolist() for n in rng.integers(lo, hi + 1, num)]
 
 
 def run_ours(model, prompts, n, new_tokens, seed):
-  from rstar_jax.sampling import Sampler, SamplingConfig
-  sampler = Sampler(model, lambda ids: "", prompt_buckets=(64, 128, 256, 512, 1024))
-  cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
-  sampler.generate(prompts[:1], n=n, config=cfg, seed=seed)  # compile the batch-1 shapes off the clock
-  warm = time.perf_counter()
-  sampler.generate(prompts, n=n, config=cfg, seed=seed)  # first full-size call compiles
-  compile_s = time.perf_counter() - warm
-  with PeakRSS() as mem:
-    start = time.perf_counter()
-    out = sampler.generate(prompts, n=n, config=cfg, seed=seed + 1)
-    seconds = time.perf_counter() - start
-  tokens = sum(len(s.token_ids) for per in out for s in per)
-  return tokens, seconds, mem.delta_mib, compile_s, sampler.last_timing
+    from rstar_jax.sampling import Sampler, SamplingConfig
+    sampler = Sampler(model, lambda ids: "", prompt_buckets=(64, 128, 256, 512, 1024))
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
+    sampler.generate(prompts[:1], n=n, config=cfg, seed=seed)  # compile the batch-1 shapes off the clock
+    warm = time.perf_counter()
+    sampler.generate(prompts, n=n, config=cfg, seed=seed)  # first full-size call compiles
+    compile_s = time.perf_counter() - warm
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        out = sampler.generate(prompts, n=n, config=cfg, seed=seed + 1)
+        seconds = time.perf_counter() - start
+    tokens = sum(len(s.token_ids) for per in out for s in per)
+    return tokens, seconds, mem.delta_mib, compile_s, sampler.last_timing
 
 
 def run_hf(hf_model, prompts, n, new_tokens, per_call):
-  import torch
-  tokens, start = 0, time.perf_counter()
-  with PeakRSS() as mem, torch.no_grad():
-    for i in range(0, len(prompts), per_call):
-      chunk = prompts[i:i + per_call]
-      width = max(map(len, chunk))
-      ids = torch.zeros((len(chunk), width), dtype=torch.long)
-      mask = torch.zeros((len(chunk), width), dtype=torch.long)
-      for r, p in enumerate(chunk):  # left padding, as for decoder-only generation
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-      out = hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=n,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_p=1.0, top_k=0,
-                              temperature=1.0, pad_token_id=0)
-      tokens += (out.shape[1] - width) * out.shape[0]
-  return tokens, time.perf_counter() - start, mem.delta_mib
+    import torch
+    tokens, start = 0, time.perf_counter()
+    with PeakRSS() as mem, torch.no_grad():
+        for i in range(0, len(prompts), per_call):
+            chunk = prompts[i:i + per_call]
+            width = max(map(len, chunk))
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, p in enumerate(chunk):  # left padding, as for decoder-only generation
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            out = hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=n,
+                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_p=1.0, top_k=0,
+                                    temperature=1.0, pad_token_id=0)
+            tokens += (out.shape[1] - width) * out.shape[0]
+    return tokens, time.perf_counter() - start, mem.delta_mib
 
 
 def main(argv):
-  del argv
-  import jax
-  import numpy as np
-  import torch
-  import transformers
-  from flax import nnx
+    del argv
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+    from flax import nnx
 
-  from rstar_jax.models import ModelConfig, Qwen2
-  cfg = ModelConfig(**BENCH_CONFIG)
-  rng = np.random.default_rng(FLAGS.seed)
-  prompts = make_prompts(rng, FLAGS.num_prompts, FLAGS.min_len, FLAGS.max_len, cfg.vocab_size)
-  print(f"workload: {len(prompts)} prompts of {FLAGS.min_len}-{FLAGS.max_len} tokens, n={FLAGS.n}, "
-        f"{FLAGS.new_tokens} new tokens; model {cfg.num_params() / 1e6:.1f}M params fp32; "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)", flush=True)
-  peak_flops, bandwidth = measure_machine()
-  print(f"machine: matmul peak {peak_flops / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s",
-        flush=True)
+    from rstar_jax.models import ModelConfig, Qwen2
+    cfg = ModelConfig(**BENCH_CONFIG)
+    rng = np.random.default_rng(FLAGS.seed)
+    prompts = make_prompts(rng, FLAGS.num_prompts, FLAGS.min_len, FLAGS.max_len, cfg.vocab_size)
+    print(f"workload: {len(prompts)} prompts of {FLAGS.min_len}-{FLAGS.max_len} tokens, n={FLAGS.n}, "
+          f"{FLAGS.new_tokens} new tokens; model {cfg.num_params() / 1e6:.1f}M params fp32; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)", flush=True)
+    peak_flops, bandwidth = measure_machine()
+    print(f"machine: matmul peak {peak_flops / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
 
-  model = Qwen2(cfg, rngs=nnx.Rngs(FLAGS.seed))
-  ours_tokens, ours_s, ours_mem, compile_s, timing = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed)
-  ours_tps = ours_tokens / ours_s
-  print(f"ours: {ours_tokens} tokens in {ours_s:.2f} s = {ours_tps:.1f} tokens/s; peak memory +{ours_mem:.0f} MiB; "
-        f"(compile {compile_s:.1f} s, off the clock; padded rows {timing['batch_rows']}, "
-        f"prompt bucket {timing['prompt_bucket']})", flush=True)
+    model = Qwen2(cfg, rngs=nnx.Rngs(FLAGS.seed))
+    ours_tokens, ours_s, ours_mem, compile_s, timing = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed)
+    ours_tps = ours_tokens / ours_s
+    print(f"ours: {ours_tokens} tokens in {ours_s:.2f} s = {ours_tps:.1f} tokens/s; peak memory +{ours_mem:.0f} MiB; "
+          f"(compile {compile_s:.1f} s, off the clock; padded rows {timing['batch_rows']}, "
+          f"prompt bucket {timing['prompt_bucket']})", flush=True)
 
-  # Model FLOPs actually needed: one prefill per prompt + decode of every sample.
-  params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
-  lm_head = cfg.vocab_size * cfg.hidden_size
-  prompt_tokens = sum(map(len, prompts))
-  ctx = np.mean([len(p) for p in prompts]) + FLAGS.new_tokens / 2
-  attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # per token per context position
-  flops = (2 * (params + lm_head) * (prompt_tokens + ours_tokens) + attn * ctx * ours_tokens
-           + attn * np.mean([len(p) for p in prompts]) / 2 * prompt_tokens)
-  # Bytes per decode step: all weights once + the KV cache of every row.
-  kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * ctx * len(prompts) * FLAGS.n
-  bytes_moved = (cfg.num_params() * 4 + kv_bytes) * FLAGS.new_tokens
-  print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {flops / ours_s / peak_flops:.0%} of matmul peak; "
-        f"{bytes_moved / ours_s / 1e9:.2f} GB/s = {bytes_moved / ours_s / bandwidth:.0%} of bandwidth", flush=True)
+    # Model FLOPs actually needed: one prefill per prompt + decode of every sample.
+    params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    prompt_tokens = sum(map(len, prompts))
+    ctx = np.mean([len(p) for p in prompts]) + FLAGS.new_tokens / 2
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # per token per context position
+    flops = (2 * (params + lm_head) * (prompt_tokens + ours_tokens) + attn * ctx * ours_tokens
+             + attn * np.mean([len(p) for p in prompts]) / 2 * prompt_tokens)
+    # Bytes per decode step: all weights once + the KV cache of every row.
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * ctx * len(prompts) * FLAGS.n
+    bytes_moved = (cfg.num_params() * 4 + kv_bytes) * FLAGS.new_tokens
+    print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {flops / ours_s / peak_flops:.0%} of matmul peak; "
+          f"{bytes_moved / ours_s / 1e9:.2f} GB/s = {bytes_moved / ours_s / bandwidth:.0%} of bandwidth", flush=True)
 
-  hf_config = transformers.Qwen2Config(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      rope_theta=cfg.rope_theta, tie_word_embeddings=True, max_position_embeddings=cfg.max_position_embeddings)
-  torch.manual_seed(FLAGS.seed)
-  hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
-  hf_tokens, hf_s, hf_mem = run_hf(hf_model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.hf_prompts_per_call)
-  hf_tps = hf_tokens / hf_s
-  print(f"hf:   {hf_tokens} tokens in {hf_s:.2f} s = {hf_tps:.1f} tokens/s; peak memory +{hf_mem:.0f} MiB "
-        f"({FLAGS.hf_prompts_per_call} prompts x {FLAGS.n} per generate call)", flush=True)
-  print(f"ratio={ours_tps / hf_tps:.2f}")
+    hf_config = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=True, max_position_embeddings=cfg.max_position_embeddings)
+    torch.manual_seed(FLAGS.seed)
+    hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    hf_tokens, hf_s, hf_mem = run_hf(hf_model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.hf_prompts_per_call)
+    hf_tps = hf_tokens / hf_s
+    print(f"hf:   {hf_tokens} tokens in {hf_s:.2f} s = {hf_tps:.1f} tokens/s; peak memory +{hf_mem:.0f} MiB "
+          f"({FLAGS.hf_prompts_per_call} prompts x {FLAGS.n} per generate call)", flush=True)
+    print(f"ratio={ours_tps / hf_tps:.2f}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -6,40 +6,40 @@ import jax.numpy as jnp
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Split-half rotary embedding (HF `rotate_half`), computed in fp32.
+    """Split-half rotary embedding (HF `rotate_half`), computed in fp32.
 
-  x: [B, T, N, Dh]; positions: [B, T] int.
-  """
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
-  # Elementwise in fp32: a bf16 angle would round position 257 to 256.
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    x: [B, T, N, Dh]; positions: [B, T] int.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
+    # Elementwise in fp32: a bf16 angle would round position 257 to 256.
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def _xla_attention(q, k, v, mask, scale):
-  b, t, h, dh = q.shape
-  g = k.shape[2]
-  q = q.reshape(b, t, g, h // g, dh)  # [B, T, G, R, Dh]: R query heads share one KV head
-  logits = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
-  return out.reshape(b, t, h, dh)
+    b, t, h, dh = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, t, g, h // g, dh)  # [B, T, G, R, Dh]: R query heads share one KV head
+    logits = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    return out.reshape(b, t, h, dh)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
-  """Grouped-query attention.
+    """Grouped-query attention.
 
-  q: [B, T, H, Dh]; k, v: [B, S, G, Dh] with H a multiple of G; mask: [B, T, S] bool (True = may
-  attend). Returns [B, T, H, Dh]. "dot_product" uses `jax.nn.dot_product_attention`, which picks
-  cuDNN / TPU flash kernels where present.
-  """
-  scale = q.shape[-1] ** -0.5
-  if impl == "xla":
-    return _xla_attention(q, k, v, mask, scale)
-  if impl == "dot_product":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
-  raise ValueError(f"unknown attention implementation {impl!r}")
+    q: [B, T, H, Dh]; k, v: [B, S, G, Dh] with H a multiple of G; mask: [B, T, S] bool (True = may
+    attend). Returns [B, T, H, Dh]. "dot_product" uses `jax.nn.dot_product_attention`, which picks
+    cuDNN / TPU flash kernels where present.
+    """
+    scale = q.shape[-1] ** -0.5
+    if impl == "xla":
+        return _xla_attention(q, k, v, mask, scale)
+    if impl == "dot_product":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    raise ValueError(f"unknown attention implementation {impl!r}")

@@ -13,42 +13,42 @@ DEFAULT_SCORE_SCALE = 5.0
 
 
 class ValueHead(nnx.Module):
-  """Linear(hidden -> 1) with bias, in fp32 (the reference's `v_head.summary`)."""
+    """Linear(hidden -> 1) with bias, in fp32 (the reference's `v_head.summary`)."""
 
-  def __init__(self, hidden_size: int, rngs: nnx.Rngs):
-    # Reference init: weight ~ N(5e-7, 1e-6), bias 1e-6, so an untrained head scores ~0.
-    w = 5e-7 + 1e-6 * jax.random.normal(rngs.params(), (hidden_size,), jnp.float32)
-    self.weight = nnx.Param(w, logical_axes=("norm",))
-    self.bias = nnx.Param(jnp.full((), 1e-6, jnp.float32), logical_axes=())
+    def __init__(self, hidden_size: int, rngs: nnx.Rngs):
+        # Reference init: weight ~ N(5e-7, 1e-6), bias 1e-6, so an untrained head scores ~0.
+        w = 5e-7 + 1e-6 * jax.random.normal(rngs.params(), (hidden_size,), jnp.float32)
+        self.weight = nnx.Param(w, logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.full((), 1e-6, jnp.float32), logical_axes=())
 
-  def __call__(self, hidden: jax.Array) -> jax.Array:
-    """hidden: [..., D] -> [...] fp32."""
-    return hidden.astype(jnp.float32) @ self.weight[...] + self.bias[...]
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [..., D] -> [...] fp32."""
+        return hidden.astype(jnp.float32) @ self.weight[...] + self.bias[...]
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
-  """Index of each row's last non-pad token, for left or right padding. [B, T] -> [B]."""
-  t = attention_mask.shape[-1]
-  return t - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
+    """Index of each row's last non-pad token, for left or right padding. [B, T] -> [B]."""
+    t = attention_mask.shape[-1]
+    return t - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
 
 
 class PPM(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, backbone: Qwen2 | None = None):
-    self.backbone = backbone if backbone is not None else Qwen2(cfg, rngs=rngs)
-    self.v_head = ValueHead(cfg.hidden_size, rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, backbone: Qwen2 | None = None):
+        self.backbone = backbone if backbone is not None else Qwen2(cfg, rngs=rngs)
+        self.v_head = ValueHead(cfg.hidden_size, rngs)
 
-  @property
-  def config(self) -> ModelConfig:
-    return self.backbone.config
+    @property
+    def config(self) -> ModelConfig:
+        return self.backbone.config
 
-  def __call__(self, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Raw score of each sequence at its last real token. tokens, attention_mask: [B, T] -> [B] fp32."""
-    positions = positions_from_mask(attention_mask)
-    hidden, _ = self.backbone(tokens, positions, attention_mask)  # [B, T, D]
-    last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
-    return self.v_head(last)
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Raw score of each sequence at its last real token. tokens, attention_mask: [B, T] -> [B] fp32."""
+        positions = positions_from_mask(attention_mask)
+        hidden, _ = self.backbone(tokens, positions, attention_mask)  # [B, T, D]
+        last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
+        return self.v_head(last)
 
 
 def search_score(raw: jax.Array, scale: float = DEFAULT_SCORE_SCALE) -> jax.Array:
-  """The bounded score MCTS uses: tanh(raw / scale) in [-1, 1]."""
-  return jnp.tanh(raw / scale)
+    """The bounded score MCTS uses: tanh(raw / scale) in [-1, 1]."""
+    return jnp.tanh(raw / scale)
