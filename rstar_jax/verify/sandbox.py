@@ -119,7 +119,6 @@ class Sandbox:
             "preload": list(preload),
             "namespaces": bool(namespaces),
             "limits": dataclasses.asdict(limits),
-            "output_keep_chars": limits.output_keep_chars,
             "max_report_bytes": 16 * limits.output_keep_chars + 65536,
         }
         self._workers = [_Worker(i, dict(base_config, identity=[uid_base + i] * 2), start_timeout_s)

@@ -2,7 +2,10 @@
 locked-down child process.
 
 Started by ``rstar_jax.verify.sandbox.Sandbox`` as ``python -s -B -P <this file>`` with a scrubbed environment.
-Standard library only, so it never imports the rest of the package (or JAX).
+Standard library only, so it never imports the rest of the package (or JAX). The isolation mechanisms live in
+sibling files, imported as top-level modules before anything is locked down: ``sandbox_linux`` (system calls
+through ctypes, Landlock), ``sandbox_seccomp`` (the syscall filter), ``sandbox_namespaces`` (namespaces and
+mounts) and ``sandbox_lockdown`` (what each child applies to itself).
 
 Processes of one worker:
   launcher     host namespaces. Unshares new mount, network, IPC, UTS and PID namespaces (inside a new user
@@ -24,8 +27,6 @@ the program can also write to: that report is untrusted, size-bounded and valida
 from __future__ import annotations
 
 import builtins
-import ctypes
-import errno
 import gc
 import importlib
 import io
@@ -33,15 +34,26 @@ import json
 import math
 import os
 import platform
-import resource
 import select
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 import time
 import traceback
+
+# The sibling modules, found through their directory, which is on sys.path only for these imports (-P kept it
+# off): loaded now, before the mount namespace may hide their files from the sandbox uid, then dropped from
+# sys.modules (they live on through the names bound here), so that programs see the same modules as ever.
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+try:
+    import sandbox_linux as linux
+    import sandbox_namespaces as namespaces
+    from sandbox_lockdown import REPORT_FD, Lockdown
+finally:
+    del sys.path[0]
+    for _sibling in ("sandbox_linux", "sandbox_seccomp", "sandbox_namespaces", "sandbox_lockdown"):
+        sys.modules.pop(_sibling, None)
 
 # ------------------------------------------------------------------------------------------------ framing
 MAX_REQUEST_BYTES = 64 << 20
@@ -81,247 +93,7 @@ def write_frame(fd: int, message: dict) -> None:
         data = data[os.write(fd, data):]
 
 
-# ---------------------------------------------------------------------------------------- Linux calls
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP = 0x10000000, 0x20000000, 0x40000000, 0x02000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
-MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
-SECCOMP_MODE_FILTER = 2
-_SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and in the asm-generic table (aarch64)
-_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
-
-
-def _checked(result: int, what: str) -> int:
-    if result == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
-def unshare(flags: int) -> None:
-    _checked(_libc.unshare(ctypes.c_int(flags)), "unshare")
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    def encode(text):
-        return None if text is None else text.encode()
-    _checked(_libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
-
-
-def umount_detached(target: str) -> None:
-    _checked(_libc.umount2(target.encode(), ctypes.c_int(MNT_DETACH)), f"umount {target}")
-
-
-def make_mounts_readonly(path: str = "/") -> None:
-    """Every mount at and below ``path`` read-only, in this mount namespace only (mount_setattr(2))."""
-    attr = struct.pack("QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0)
-    _checked(_libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), path.encode(),
-                           ctypes.c_uint(_AT_RECURSIVE), ctypes.c_char_p(attr), ctypes.c_size_t(len(attr))),
-             "mount_setattr")
-
-
-def prctl(option: int, value: int = 0) -> None:
-    _checked(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                         ctypes.c_ulong(0)), f"prctl({option})")
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-# ------------------------------------------------------------------------------------------------ seccomp
-# Syscalls a math program never needs that reach the network, other processes' memory or the kernel's
-# namespace, mount, key and module machinery (plus clone with namespace flags, kill(-1) and terminal input
-# injection, checked by argument). Numbers checked against both kernel syscall tables.
-_DENIED_SYSCALLS = {
-    "x86_64": dict(socket=41, socketpair=53, ptrace=101, process_vm_readv=310, process_vm_writev=311,
-                   io_uring_setup=425, io_uring_enter=426, io_uring_register=427, bpf=321, perf_event_open=298,
-                   userfaultfd=323, unshare=272, setns=308, mount=165, umount2=166, pivot_root=155, chroot=161,
-                   keyctl=250, add_key=248, request_key=249, kexec_load=246, kexec_file_load=320, init_module=175,
-                   finit_module=313, delete_module=176, reboot=169, swapon=167, swapoff=168, acct=163,
-                   name_to_handle_at=303, open_by_handle_at=304, open_tree=428, move_mount=429, fsopen=430,
-                   fsconfig=431, fsmount=432, fspick=433, mount_setattr=442),
-    "aarch64": dict(socket=198, socketpair=199, ptrace=117, process_vm_readv=270, process_vm_writev=271,
-                    io_uring_setup=425, io_uring_enter=426, io_uring_register=427, bpf=280, perf_event_open=241,
-                    userfaultfd=282, unshare=97, setns=268, mount=40, umount2=39, pivot_root=41, chroot=51,
-                    keyctl=219, add_key=217, request_key=218, kexec_load=104, kexec_file_load=294,
-                    init_module=105, finit_module=273, delete_module=106, reboot=142, swapon=224, swapoff=225,
-                    acct=89, name_to_handle_at=264, open_by_handle_at=265, open_tree=428, move_mount=429,
-                    fsopen=430, fsconfig=431, fsmount=432, fspick=433, mount_setattr=442),
-}
-_ARCH = {"x86_64": (0xC000003E, dict(clone=56, clone3=435, kill=62, ioctl=16)),
-         "aarch64": (0xC00000B7, dict(clone=220, clone3=435, kill=129, ioctl=29))}
-_TIOCSTI, _TIOCLINUX = 0x5412, 0x541C  # push input into a terminal: a classic way out through the user's shell
-_NAMESPACE_CLONE_FLAGS = (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID
-                          | CLONE_NEWNET | CLONE_NEWCGROUP)
-_RET_KILL_PROCESS, _RET_ERRNO, _RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
-
-
-def seccomp_program(machine: str) -> list[tuple[int, int, int, int]] | None:
-    """Classic-BPF filter (code, jt, jf, k) for ``machine``; None where we have no syscall table."""
-    if machine not in _DENIED_SYSCALLS:
-        return None
-    audit_arch, special = _ARCH[machine]
-    code: list[tuple] = []  # (opcode, jump-if-true label, jump-if-false label, k)
-
-    def emit(op, k, jt=None, jf=None):
-        code.append((op, jt, jf, k))
-
-    emit(_LD_W_ABS, 4)                                    # seccomp_data.arch
-    emit(_JEQ_K, audit_arch, None, "kill")                # a foreign ABI (i386 int 0x80) dies
-    emit(_LD_W_ABS, 0)                                    # seccomp_data.nr
-    if machine == "x86_64":
-        emit(_JGE_K, 0x40000000, "deny", None)            # the x32 ABI
-    emit(_JEQ_K, special["clone3"], "enosys", None)       # its flags live in memory: make libc fall back to clone
-    emit(_JEQ_K, special["clone"], "check_clone", None)
-    emit(_JEQ_K, special["kill"], "check_kill", None)
-    emit(_JEQ_K, special["ioctl"], "check_ioctl", None)
-    for number in sorted(_DENIED_SYSCALLS[machine].values()):
-        emit(_JEQ_K, number, "deny", None)
-    emit(_RET_K, _RET_ALLOW)
-    labels = {"check_clone": len(code)}
-    emit(_LD_W_ABS, 16)                                   # clone flags (low word of args[0])
-    emit(_JSET_K, _NAMESPACE_CLONE_FLAGS, "deny", "allow")
-    labels["check_kill"] = len(code)
-    emit(_LD_W_ABS, 16)                                   # kill's pid (low word)
-    emit(_JEQ_K, 0xFFFFFFFF, "deny", "allow")             # kill(-1, ...): every process it may signal
-    labels["check_ioctl"] = len(code)
-    emit(_LD_W_ABS, 24)                                   # ioctl request (low word of args[1])
-    emit(_JEQ_K, _TIOCSTI, "deny", None)
-    emit(_JEQ_K, _TIOCLINUX, "deny", "allow")
-    labels["allow"] = len(code)
-    emit(_RET_K, _RET_ALLOW)
-    labels["deny"] = len(code)
-    emit(_RET_K, _RET_ERRNO | errno.EPERM)
-    labels["enosys"] = len(code)
-    emit(_RET_K, _RET_ERRNO | errno.ENOSYS)
-    labels["kill"] = len(code)
-    emit(_RET_K, _RET_KILL_PROCESS)
-
-    def offset(label, at):
-        return 0 if label is None else labels[label] - at - 1
-
-    return [(op, offset(jt, i), offset(jf, i), k) for i, (op, jt, jf, k) in enumerate(code)]
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-# ----------------------------------------------------------------------------------------------- landlock
-# Landlock (Linux 5.13+, unprivileged): file writes only beneath the working directory; with ABI 4+ no TCP
-# bind/connect; with ABI 6+ no signals to processes outside the program's own. Holds without root or namespaces.
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LANDLOCK_RULE_PATH_BENEATH = 1
-_FS_WRITE_FILE = 1 << 1
-_FS_WRITES_V1 = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-anything
-_FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14                                     # ABI 2, ABI 3
-_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1                               # ABI 4
-_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1                    # ABI 6
-
-
-def landlock_abi() -> int:
-    version = _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                            ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
-    return max(0, version)
-
-
-def landlock_ruleset(write_root: str, abi: int) -> int:
-    """A ruleset fd allowing writes only beneath ``write_root`` and to /dev/null; TCP and outside signals
-    denied where the ABI has them. A rule on a mount point is hidden by what is later mounted over it, so
-    ``write_root`` must be the directory as the program will see it."""
-    writes = _FS_WRITES_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
-    fields = [writes]
-    if abi >= 4:
-        fields.append(_NET_BIND_TCP | _NET_CONNECT_TCP)  # handled with no rule: every bind/connect denied
-    if abi >= 6:
-        fields.append(_SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL)
-    attr = struct.pack(f"{len(fields)}Q", *fields)
-    ruleset = _checked(_libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.c_char_p(attr),
-                                     ctypes.c_size_t(len(attr)), ctypes.c_uint32(0)), "landlock_create_ruleset")
-    device_writes = _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
-    try:
-        for path, allowed in ((write_root, writes), (os.devnull, device_writes)):
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                rule = struct.pack("=Qi", allowed, fd)  # struct landlock_path_beneath_attr is packed
-                _checked(_libc.syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
-                                       ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.c_char_p(rule),
-                                       ctypes.c_uint32(0)), f"landlock_add_rule {path}")
-            finally:
-                os.close(fd)
-    except OSError:
-        os.close(ruleset)
-        raise
-    return ruleset
-
-
-# --------------------------------------------------------------------------------------------- namespaces
-def enter_namespaces(wanted: bool) -> dict:
-    """Unshare what the platform allows, one namespace at a time. With a new PID namespace this forks: the
-    caller continues as its pid 1 while this (launcher) process waits for it. Returns what is in force."""
-    info = dict(user_namespace=False, mount_namespace=False, network_namespace=False, ipc_namespace=False,
-                uts_namespace=False, pid_namespace=False)
-    if not wanted:
-        return info
-    privileged = os.geteuid() == 0
-    if not privileged:
-        info["user_namespace"] = _enter_user_namespace()
-    if privileged or info["user_namespace"]:
-        for key, flag in (("mount_namespace", CLONE_NEWNS), ("network_namespace", CLONE_NEWNET),
-                          ("ipc_namespace", CLONE_NEWIPC), ("uts_namespace", CLONE_NEWUTS),
-                          ("pid_namespace", CLONE_NEWPID)):
-            try:
-                unshare(flag)
-                info[key] = True
-            except OSError:
-                pass
-    if info["pid_namespace"]:
-        _become_pid_namespace_init()
-    return info
-
-
-def _enter_user_namespace() -> bool:
-    """A user namespace mapping just our own uid/gid: capabilities over the namespaces created next."""
-    uid, gid = os.getuid(), os.getgid()
-    try:
-        unshare(CLONE_NEWUSER)
-    except OSError:
-        return False
-    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
-        with open(path, "w") as f:
-            f.write(text)
-    return True
-
-
-def _become_pid_namespace_init() -> None:
-    child = os.fork()
-    if child == 0:  # the fork server: dies with the launcher, and its death ends the whole namespace
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        return
-    os.close(0)  # keep no copy of the pipes: the host must see end of file when the fork server exits
-    os.close(1)
-    status = _wait_status(child)
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 1)
-
-
 # ---------------------------------------------------------------------------------------------- the child
-REPORT_FD = 3
 EXIT_LOCKDOWN_FAILED = 71
 
 # Bound before any untrusted code runs: replacing builtins, module attributes or sys.modules inside the
@@ -377,12 +149,6 @@ class BoundedText(io.TextIOBase):
         return _join(self._head), _join(self._tail)[-self._keep:], self.chars
 
 
-def _refuse_network(event: str, args: tuple, _startswith=str.startswith) -> None:
-    # Audit hooks cannot be removed from Python code; seccomp and Landlock refuse the syscalls too.
-    if _startswith(event, "socket."):
-        raise PermissionError(errno.EPERM, "network access is disabled in the sandbox")
-
-
 def _describe(exc: BaseException, limit: int = 2000) -> str:
     try:
         text = _str(exc)
@@ -417,79 +183,6 @@ def _send_report(report: dict, _dumps=json.dumps) -> None:
     data = _memoryview(_len(payload).to_bytes(4, "big") + payload)
     while data:
         data = data[_write(REPORT_FD, data):]
-
-
-class Lockdown:
-    """What each child applies to itself before the program runs, prepared by the fork server: every Python
-    object a child touches costs it a page copy, so the child does little besides the system calls."""
-
-    def __init__(self, config: dict, identity: tuple[int, int] | None):
-        limits = config["limits"]
-        self.cpu_margin_s = limits["cpu_margin_s"]
-        self.rlimits = [(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2),
-                        (resource.RLIMIT_FSIZE, (limits["file_size_bytes"],) * 2),
-                        (resource.RLIMIT_NPROC, (limits["max_processes"],) * 2),
-                        (resource.RLIMIT_NOFILE, (limits["max_open_files"],) * 2),
-                        (resource.RLIMIT_CORE, (0, 0)), (resource.RLIMIT_MEMLOCK, (0, 0)),
-                        (resource.RLIMIT_MSGQUEUE, (0, 0))]
-        self.identity = identity
-        self.devnull = os.open(os.devnull, os.O_RDWR)
-        self.max_fd = os.sysconf("SC_OPEN_MAX")
-        zero = ctypes.c_ulong(0)
-        self._pdeathsig = (ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), zero, zero, zero)
-        self._no_new_privs = (ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero)
-        self._capset = (ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)())  # v3, all sets empty
-        self.landlock_abi = landlock_abi() if config.get("landlock", True) else 0
-        self._landlock = None
-        self._seccomp = None
-        program = seccomp_program(platform.machine())
-        if program is not None:
-            filters = (_SockFilter * len(program))(*[_SockFilter(*ins) for ins in program])
-            self._seccomp_filters = filters  # must outlive the struct pointing at it
-            self._seccomp = (ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
-                             ctypes.byref(_SockFprog(len(program), filters)), zero, zero)
-        self.applied: dict = {}  # in the child: which best-effort layers took (read by the start-up probe)
-
-    def prepare(self, work_dir: str) -> None:
-        """In the fork server, before each fork: the Landlock ruleset for this run's working directory."""
-        if self.landlock_abi:
-            try:
-                ruleset = landlock_ruleset(work_dir, self.landlock_abi)
-            except OSError:
-                return
-            self._landlock = (ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0))
-
-    def release(self) -> None:
-        """In the fork server, after the fork."""
-        if self._landlock is not None:
-            os.close(self._landlock[1].value)
-            self._landlock = None
-
-    def apply(self, report_fd: int, work_dir: str, timeout_s: float) -> None:
-        os.setsid()  # its own process group and session: killable as a group, no controlling terminal
-        _checked(_libc.prctl(*self._pdeathsig), "prctl(PDEATHSIG)")
-        _checked(_libc.prctl(*self._no_new_privs), "prctl(NO_NEW_PRIVS)")  # Landlock and seccomp need it
-        landlocked = self._landlock is not None and _libc.syscall(*self._landlock) == 0  # before its fd closes
-        for fd in (0, 1, 2):
-            os.dup2(self.devnull, fd)
-        os.dup2(report_fd, REPORT_FD)
-        os.closerange(REPORT_FD + 1, self.max_fd)
-        os.chdir(work_dir)
-        cpu_s = max(1, math.ceil(timeout_s + self.cpu_margin_s))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # SIGXCPU, then SIGKILL a second later
-        for key, value in self.rlimits:
-            resource.setrlimit(key, value)
-        if self.identity is not None:
-            uid, gid = self.identity
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-                raise PermissionError(f"could not become uid {uid} / gid {gid}")
-        _checked(_libc.capset(*self._capset), "capset")  # inside a user namespace setuid is not available
-        seccomp = self._seccomp is not None and _libc.prctl(*self._seccomp) == 0
-        sys.addaudithook(_refuse_network)
-        self.applied = {"landlock": self.landlock_abi if landlocked else 0, "seccomp": seccomp}
 
 
 def child_main(lockdown: Lockdown, source: str, report_fd: int, work_dir: str, timeout_s: float,
@@ -545,10 +238,10 @@ SERVER: "ForkServer | None" = None  # the running fork server (the start-up prob
 
 
 class ForkServer:
-    def __init__(self, config: dict, namespaces: dict):
+    def __init__(self, config: dict, namespaces_in_force: dict):
         self.config = config
         self.identity = tuple(config["identity"]) if config.get("identity") and os.geteuid() == 0 else None
-        self.isolation = dict(namespaces)
+        self.isolation = dict(namespaces_in_force)
         self.private_tmp = False
         self.work_dir = "/tmp"
         self.lockdown: Lockdown | None = None
@@ -563,12 +256,12 @@ class ForkServer:
         except OSError:
             pass
         if not self.isolation["pid_namespace"]:
-            prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a program come back to us to be killed
+            linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # orphans of a program come back to us to be killed
         if self.isolation["mount_namespace"]:
             self._set_up_mounts()
         else:
             self.work_dir = self._make_host_work_dir()
-        self.lockdown = Lockdown(self.config, self.identity)
+        self.lockdown = Lockdown(self.config["limits"], self.identity)
         # The children's environment, set once here: nothing of the host's, the same paths for every run.
         os.environ.clear()
         os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.work_dir, "TMPDIR": self.work_dir,
@@ -581,30 +274,18 @@ class ForkServer:
         self._probe()
 
     def _set_up_mounts(self) -> None:
-        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
+        namespaces.make_mounts_private()
         if self.identity is not None:
-            self.isolation["exposed_for_imports"] = _expose_to_others(_import_roots())
+            self.isolation["exposed_for_imports"] = namespaces.expose_to_others(namespaces.import_roots())
         try:  # one trial of the per-run tmpfs decides how working directories are made
             self._mount_tmp()
-            umount_detached("/tmp")
+            linux.umount_detached("/tmp")
             self.private_tmp = True
         except OSError:
             self.work_dir = self._make_host_work_dir()
-        try:
-            make_mounts_readonly("/")
-            self.isolation["readonly_root"] = True
-            if not self.private_tmp:  # the one writable place: a bind mount of itself, remounted read-write
-                mount(self.work_dir, self.work_dir, None, MS_BIND)
-                mount(None, self.work_dir, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
-        except OSError:
-            self.isolation["readonly_root"] = False
-        self.isolation["private_proc"] = False
-        if self.isolation["pid_namespace"]:
-            try:
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-                self.isolation["private_proc"] = True
-            except OSError:
-                pass
+        # Without a private tmpfs the host work dir is the one writable place.
+        self.isolation["readonly_root"] = namespaces.make_root_readonly(None if self.private_tmp else self.work_dir)
+        self.isolation["private_proc"] = self.isolation["pid_namespace"] and namespaces.mount_private_proc()
 
     def _make_host_work_dir(self) -> str:
         """Without a private tmpfs: one private directory in the host's temp dir, emptied after every run."""
@@ -622,7 +303,7 @@ class ForkServer:
             except Exception:  # e.g. scipy not installed: a program may still import what it needs
                 failed.append(name)
         self.isolation["preloaded"], self.isolation["preload_failed"] = loaded, failed
-        if self.config.get("warmup", True) and {"numpy", "sympy"} <= set(loaded):
+        if {"numpy", "sympy"} <= set(loaded):
             saved = sys.stdout
             sys.stdout = io.StringIO()
             try:
@@ -664,7 +345,8 @@ class ForkServer:
 
     def run(self, request: dict) -> dict:
         timeout_s = float(request["timeout_s"])
-        self._prepare_work_dir()
+        if self.private_tmp:
+            self._mount_tmp()
         self.lockdown.prepare(self.work_dir)
         read_fd, write_fd = os.pipe()
         hard_exit = os._exit  # a local: the program can rebind module attributes, not this frame's variables
@@ -674,7 +356,7 @@ class ForkServer:
             try:
                 os.close(read_fd)
                 child_main(self.lockdown, request["source"], write_fd, self.work_dir, timeout_s,
-                           self.config["output_keep_chars"])
+                           self.config["limits"]["output_keep_chars"])
             finally:  # the child never continues into the fork server's code, whatever the program did
                 hard_exit(EXIT_LOCKDOWN_FAILED)
         os.close(write_fd)
@@ -721,7 +403,7 @@ class ForkServer:
                             if not _read_available(read_fd, buffer, limit):
                                 poller.unregister(read_fd)  # end of file: only the exit is left to see
                         else:
-                            status = _wait_status(pid)
+                            status = os.waitpid(pid, 0)[1]
                 if status is not None:
                     _read_available(read_fd, buffer, limit)
                     if _frame_complete(buffer):
@@ -738,7 +420,7 @@ class ForkServer:
             reply.update(timed_out=True, error_type="TimeoutError", error_message=(
                 f"Execution of the code snippet has timed out for exceeding {timeout_s:g} seconds."))
         elif outcome == "report":
-            report = validated_report(detail, self.config["output_keep_chars"])
+            report = validated_report(detail, self.config["limits"]["output_keep_chars"])
             if report is None:
                 reply.update(error_type="SandboxError", error_message="the program's process sent a malformed report")
             else:
@@ -770,66 +452,13 @@ class ForkServer:
         else:
             _kill_descendants(self._current)
         if self.private_tmp:
-            umount_detached("/tmp")
+            linux.umount_detached("/tmp")
         else:
             _clear_directory(self.work_dir)
 
-    def _prepare_work_dir(self) -> None:
-        if self.private_tmp:
-            self._mount_tmp()
-
     def _mount_tmp(self) -> None:
         uid, gid = self.identity if self.identity is not None else (os.getuid(), os.getgid())
-        size = self.config["limits"]["tmpfs_bytes"]
-        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-              f"size={size},nr_inodes=4096,mode=700,uid={uid},gid={gid}")
-
-
-def _import_roots() -> list[str]:
-    """Directories a program's imports read from: the interpreter's prefixes and every sys.path entry."""
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path}
-    return sorted(os.path.realpath(p) for p in roots if p and os.path.isdir(p))
-
-
-def _blocked_ancestor(path: str) -> tuple[str, str] | None:
-    """The topmost directory on ``path`` that other users cannot search, and the next component under it."""
-    parts = path.strip("/").split("/")
-    for depth in range(len(parts)):
-        directory = "/" + "/".join(parts[:depth])
-        if not os.stat(directory).st_mode & 0o001:
-            return directory, parts[depth]
-    return None
-
-
-def _expose_to_others(paths: list[str]) -> list[str]:
-    """In our mount namespace, make ``paths`` reachable by the unprivileged uid when an ancestor directory is
-    closed to others (e.g. an interpreter under /root): an empty world-searchable tmpfs goes over the closed
-    directory and only the entries on the way to ``paths`` are bind-mounted back. Returns the exposed entries."""
-    exposed = []
-    for _ in range(8):  # one closed level per round, top-down
-        needed: dict[str, set[str]] = {}
-        for path in paths:
-            blocked = _blocked_ancestor(path)
-            if blocked is not None:
-                needed.setdefault(blocked[0], set()).add(blocked[1])
-        if not needed:
-            return exposed
-        for directory, names in needed.items():
-            handles = {name: os.open(os.path.join(directory, name), os.O_PATH | os.O_CLOEXEC) for name in names}
-            try:
-                mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-                for name, fd in handles.items():
-                    target = os.path.join(directory, name)
-                    if os.path.isdir(f"/proc/self/fd/{fd}"):
-                        os.mkdir(target)
-                    else:
-                        open(target, "w").close()
-                    mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-                    exposed.append(target)
-            finally:
-                for fd in handles.values():
-                    os.close(fd)
-    raise RuntimeError(f"could not expose {paths} to the sandbox uid")
+        namespaces.mount_tmpfs("/tmp", self.config["limits"]["tmpfs_bytes"], uid, gid)
 
 
 def _clear_directory(path: str) -> None:
@@ -868,14 +497,6 @@ def _read_available(fd: int, buffer: bytearray, limit: int) -> bool:
             return False
         buffer += chunk
     return True
-
-
-def _wait_status(pid: int) -> int:
-    while True:
-        try:
-            return os.waitpid(pid, 0)[1]
-        except InterruptedError:
-            continue
 
 
 _REPORT_KEYS = {"stdout_head", "stdout_tail", "stdout_chars", "error_type", "error_message"}
@@ -988,7 +609,7 @@ def main() -> None:
     config = json.loads(frame)
     sys.path[:] = config["sys_path"]
     try:
-        server = ForkServer(config, enter_namespaces(config["namespaces"]))
+        server = ForkServer(config, namespaces.enter_namespaces(config["namespaces"]))
         server.start()
     except BaseException:
         write_frame(1, {"fatal": traceback.format_exc(limit=8)})
