@@ -244,8 +244,8 @@ def test_kv_cache_prefill_and_decode_sharded(model_parts, batch):
     placed = jax.device_put(state, parallel.state_shardings(state, mesh))
     with jax.set_mesh(mesh):
         logits, decoded, cache = run(graphdef, placed, tokens, mask, 3)
-    k0 = cache.k[0]  # [B, S, G, Dh] = [4, 19, 2, 32]
-    assert k0.sharding.shard_shape(k0.shape) == (1, T + 3, 1, CFG.head_dim)  # batch and kv heads split
+    k0 = cache.k[0]  # [B, G, S, Dh] = [4, 2, 19, 32]
+    assert k0.sharding.shard_shape(k0.shape) == (1, 1, T + 3, CFG.head_dim)  # batch and kv heads split
     np.testing.assert_array_equal(decoded, want_tokens)
     np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=0)
 

@@ -120,3 +120,36 @@ def test_prompt_longer_than_largest_bucket_is_refused(tiny_model):
     sampler = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(8,))
     with pytest.raises(ValueError, match="prompt length of 9 exceeds the largest bucket 8"):
         sampler.generate(_prompts(0, [9]))
+
+
+def test_sharded_sampler_matches_single_device(tiny_model):
+    import jax
+
+    from rstar_jax import parallel
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    graphdef, state = nnx.split(tiny_model)
+    sharded = nnx.merge(graphdef, jax.device_put(state, parallel.state_shardings(state, mesh)))
+    prompts = _prompts(7, [5, 9, 3])
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    single = Sampler(tiny_model, _decode_fn({})).generate(prompts, n=2, config=cfg, seed=4)
+    on_mesh = Sampler(sharded, _decode_fn({}), mesh=mesh, batch_multiple=4).generate(prompts, n=2, config=cfg, seed=4)
+    assert [[s.token_ids for s in per] for per in on_mesh] == [[s.token_ids for s in per] for per in single]
+
+
+def test_inverse_cdf_sampling_matches_softmax_frequencies():
+    import jax
+    import jax.numpy as jnp
+
+    from rstar_jax.sampling import _sample_rows
+    # 600 tokens (three blocks of 256, the last padded); mass on a few, some masked with -inf.
+    logits = np.full((600,), -np.inf, np.float32)
+    support = np.array([0, 5, 255, 256, 300, 511, 599])
+    logits[support] = np.log([0.05, 0.3, 0.1, 0.15, 0.2, 0.1, 0.1])
+    rows = 20000
+    keys = jax.random.split(jax.random.key(0), rows)
+    tokens = np.asarray(_sample_rows(keys, jnp.broadcast_to(jnp.asarray(logits), (rows, 600))))
+    assert set(np.unique(tokens)) <= set(support.tolist())  # masked tokens are never drawn
+    freq = np.array([(tokens == t).mean() for t in support])
+    want = np.exp(logits[support])
+    sigma = np.sqrt(want * (1 - want) / rows)
+    assert np.all(np.abs(freq - want) < 4 * sigma), (freq, want)

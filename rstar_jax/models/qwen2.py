@@ -24,14 +24,15 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_init) -> nnx.Param:
 class KVCache:
     """Per-layer keys/values for a left-padded batch; every row writes the same slot `index`."""
 
-    k: tuple[jax.Array, ...]  # L x [B, S, G, Dh]
-    v: tuple[jax.Array, ...]  # L x [B, S, G, Dh]
+    # Heads-major, the layout attention reads without a transpose per decode step.
+    k: tuple[jax.Array, ...]  # L x [B, G, S, Dh]
+    v: tuple[jax.Array, ...]  # L x [B, G, S, Dh]
     valid: jax.Array  # [B, S] bool: the slot holds a real (non-pad) token
     index: jax.Array  # [] int32: the next slot to write
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
         return cls(k=zeros(), v=zeros(), valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
@@ -66,16 +67,17 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
 
     def __call__(self, x, positions, mask, cache_kv=None, index=None):
-        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S]; cache_kv: ([B, S, G, Dh], [B, S, G, Dh])."""
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S]; cache_kv: ([B, G, S, Dh], [B, G, S, Dh])."""
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...]) + self.q_bias[...]
         k = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...]) + self.k_bias[...]
         v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...]) + self.v_bias[...]
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, Dh]
         if cache_kv is not None:
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k, (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v, (0, index, 0, 0))
-            k = parallel.constrain(k, ("cache_batch", "cache_seq", "kv_heads", "head_dim"))
-            v = parallel.constrain(v, ("cache_batch", "cache_seq", "kv_heads", "head_dim"))
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k, (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v, (0, 0, index, 0))
+            k = parallel.constrain(k, ("cache_batch", "kv_heads", "cache_seq", "head_dim"))
+            v = parallel.constrain(v, ("cache_batch", "kv_heads", "cache_seq", "head_dim"))
         out = attend(q, k, v, mask, self.impl)  # [B, T, H, Dh]
         return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...]), (k, v)
 
