@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from rstar_jax.models.qwen2 import KVCache, Qwen2, positions_from_mask
+from rstar_jax.models.qwen2 import KVCache, Qwen2, SharedPrefix, positions_from_mask
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FINISH_REASONS = ("length", "stop", "eos")  # index = code stored on device
@@ -145,15 +145,14 @@ class Sampler:
     # ---- device programs -----------------------------------------------------------------------
 
     def _prefill_impl(self, params, tokens, mask, row_keys, *, n: int, max_new_tokens: int) -> DecodeState:
-        """tokens, mask: [B, P] left-padded; row_keys: [B * n]. Prefill once, then repeat each row n times."""
+        """tokens, mask: [B, P] left-padded; row_keys: [B * n]. Prefill once; the n samples share the prompt's cache."""
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
-        cache = KVCache.zeros(self.config, b, p + max_new_tokens)
-        hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
+        hidden, prompt_cache = model(tokens, positions_from_mask(mask), mask, KVCache.zeros(self.config, b, p))
         logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every row's last token at P-1
         fan = lambda x: jnp.repeat(x, n, axis=0)
-        cache = KVCache(k=tuple(map(fan, cache.k)), v=tuple(map(fan, cache.v)), valid=fan(cache.valid),
-                        index=cache.index)
+        prefix = SharedPrefix(k=prompt_cache.k, v=prompt_cache.v, valid=prompt_cache.valid)
+        cache = KVCache.zeros(self.config, b * n, max_new_tokens).replace(prefix=prefix)
         rows = b * n
         return DecodeState(
             cache=cache, logits=fan(logits), positions=fan(jnp.sum(mask, axis=-1).astype(jnp.int32)), keys=row_keys,

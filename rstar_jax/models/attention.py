@@ -48,3 +48,38 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
     if impl == "dot_product":
         return jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, None], scale=scale)
     raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+def attend_with_shared_prefix(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, prefix_k: jax.Array,
+                              prefix_v: jax.Array, prefix_valid: jax.Array) -> jax.Array:
+    """Attention for n samples that continue one prompt: the prompt's keys are read once, not n times.
+
+    q: [R, T, H, Dh] with R = B * n rows, rows b*n .. b*n+n-1 continuing prompt b; k, v: [R, G, S, Dh]
+    the rows' own slots with mask [R, T, S]; prefix_k, prefix_v: [B, G, P, Dh] the prompts' slots, all
+    before any own slot, valid where prefix_valid [B, P]. One softmax over prefix and own slots together.
+    """
+    rows, t, h, dh = q.shape
+    b, g, p = prefix_k.shape[:3]
+    n, r, s = rows // b, h // g, k.shape[2]
+    scale = dh ** -0.5
+    neg = jnp.finfo(jnp.float32).min
+    # Prefix logits with all n samples' queries of a prompt batched together: [B, G, n*R*T, P].
+    q_pre = q.reshape(b, n, t, g, r, dh).transpose(0, 3, 1, 4, 2, 5).reshape(b, g, n * r * t, dh)
+    l_pre = jnp.einsum("bgqd,bgpd->bgqp", q_pre, prefix_k, preferred_element_type=jnp.float32) * scale
+    l_pre = l_pre + jnp.where(prefix_valid, 0.0, neg)[:, None, None]
+    # Own-slot logits: [R, G, R*T, S].
+    q_own = q.reshape(rows, t, g, r, dh).transpose(0, 2, 3, 1, 4).reshape(rows, g, r * t, dh)
+    l_own = jnp.einsum("bgqd,bgsd->bgqs", q_own, k, preferred_element_type=jnp.float32) * scale
+    l_own = (l_own.reshape(rows, g, r, t, s) + jnp.where(mask, 0.0, neg)[:, None, None]).reshape(rows, g, r * t, s)
+    # Joint softmax: a common max per query, then both parts' exponentials share one denominator.
+    m_pre = jnp.max(l_pre, axis=-1).reshape(b, g, n, r * t).transpose(0, 2, 1, 3).reshape(rows, g, r * t)
+    m = jnp.maximum(m_pre, jnp.max(l_own, axis=-1))  # [R, G, R*T]
+    m_by_prompt = m.reshape(b, n, g, r * t).transpose(0, 2, 1, 3).reshape(b, g, n * r * t)
+    e_pre = jnp.exp(l_pre - m_by_prompt[..., None])
+    e_own = jnp.exp(l_own - m[..., None])
+    o_pre = jnp.einsum("bgqp,bgpd->bgqd", e_pre.astype(v.dtype), prefix_v, preferred_element_type=jnp.float32)
+    o_own = jnp.einsum("bgqs,bgsd->bgqd", e_own.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    d_pre = jnp.sum(e_pre, axis=-1).reshape(b, g, n, r * t).transpose(0, 2, 1, 3).reshape(rows, g, r * t)
+    o_pre = o_pre.reshape(b, g, n, r * t, dh).transpose(0, 2, 1, 3, 4).reshape(rows, g, r * t, dh)
+    out = (o_pre + o_own) / (d_pre + jnp.sum(e_own, axis=-1))[..., None]  # [R, G, R*T, Dh]
+    return out.reshape(rows, g, r, t, dh).transpose(0, 3, 1, 2, 4).reshape(rows, t, h, dh).astype(q.dtype)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rstar_jax import parallel
-from rstar_jax.models.attention import attend, rope
+from rstar_jax.models.attention import attend, attend_with_shared_prefix, rope
 from rstar_jax.models.config import ModelConfig
 
 _init = jax.nn.initializers.normal(stddev=0.02)
@@ -18,6 +18,15 @@ _init = jax.nn.initializers.normal(stddev=0.02)
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_init) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+@struct.dataclass
+class SharedPrefix:
+    """The prompts' keys/values, shared by the n samples of each prompt instead of copied n times."""
+
+    k: tuple[jax.Array, ...]  # L x [B, G, P, Dh]
+    v: tuple[jax.Array, ...]  # L x [B, G, P, Dh]
+    valid: jax.Array  # [B, P] bool
 
 
 @struct.dataclass
@@ -29,6 +38,8 @@ class KVCache:
     v: tuple[jax.Array, ...]  # L x [B, G, S, Dh]
     valid: jax.Array  # [B, S] bool: the slot holds a real (non-pad) token
     index: jax.Array  # [] int32: the next slot to write
+    # When set, row i also attends to prefix row i // n (n = rows per prompt), before its own slots.
+    prefix: SharedPrefix | None = None
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
@@ -66,8 +77,9 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.impl = cfg.attention_impl
 
-    def __call__(self, x, positions, mask, cache_kv=None, index=None):
-        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S]; cache_kv: ([B, G, S, Dh], [B, G, S, Dh])."""
+    def __call__(self, x, positions, mask, cache_kv=None, index=None, prefix=None):
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S]; cache_kv: ([B, G, S, Dh], [B, G, S, Dh]);
+        prefix: (k, v, valid) of a SharedPrefix layer."""
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...]) + self.q_bias[...]
         k = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...]) + self.k_bias[...]
         v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...]) + self.v_bias[...]
@@ -78,7 +90,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_kv[1], v, (0, 0, index, 0))
             k = parallel.constrain(k, ("cache_batch", "kv_heads", "cache_seq", "head_dim"))
             v = parallel.constrain(v, ("cache_batch", "kv_heads", "cache_seq", "head_dim"))
-        out = attend(q, k, v, mask, self.impl)  # [B, T, H, Dh]
+        if prefix is None:
+            out = attend(q, k, v, mask, self.impl)  # [B, T, H, Dh]
+        else:
+            out = attend_with_shared_prefix(q, k, v, mask, *prefix)
         return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...]), (k, v)
 
 
@@ -102,8 +117,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, mask, cache_kv=None, index=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, index)
+    def __call__(self, x, positions, mask, cache_kv=None, index=None, prefix=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, index, prefix)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return parallel.constrain(x, ("batch", "seq", "act_embed")), kv
@@ -146,13 +161,17 @@ class Qwen2(nnx.Module):
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 kv_in = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = layer(x, positions, mask, kv_in, index)
+                prefix = None
+                if cache is not None and cache.prefix is not None:
+                    prefix = (cache.prefix.k[i], cache.prefix.v[i], cache.prefix.valid)
+                x, (k, v) = layer(x, positions, mask, kv_in, index, prefix)
             new_k.append(k)
             new_v.append(v)
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, None
-        return hidden, KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + tokens.shape[1])
+        return hidden, KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + tokens.shape[1],
+                               prefix=cache.prefix)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., D] -> fp32 logits [..., V]."""
