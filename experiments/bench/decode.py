@@ -154,8 +154,9 @@ def main(argv):
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # per token per context position
     flops = (2 * (params + lm_head) * (prompt_tokens + ours_tokens) + attn * ctx * ours_tokens
              + attn * np.mean([len(p) for p in prompts]) / 2 * prompt_tokens)
-    # Bytes per decode step: all weights once + the KV cache of every row.
-    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * ctx * len(prompts) * FLAGS.n
+    # Bytes per decode step: all weights once, each prompt's shared KV once, each sample's own KV.
+    slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    kv_bytes = slot_bytes * (prompt_tokens + FLAGS.new_tokens / 2 * len(prompts) * FLAGS.n)
     bytes_moved = (cfg.num_params() * 4 + kv_bytes) * FLAGS.new_tokens
     print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {flops / ours_s / peak_flops:.0%} of matmul peak; "
           f"{bytes_moved / ours_s / 1e9:.2f} GB/s = {bytes_moved / ours_s / bandwidth:.0%} of bandwidth", flush=True)

@@ -29,6 +29,7 @@ class ModelConfig:
     # Parameter dtype; activations follow it, while norms, softmax, RoPE and logits stay fp32.
     dtype: str = "float32"
     # "xla": einsum attention; "dot_product": jax.nn.dot_product_attention (cuDNN / TPU flash kernels).
+    # Decode over a shared prompt prefix (the sampler's) always uses the two-part XLA softmax.
     attention_impl: str = "xla"
 
     def __post_init__(self):
