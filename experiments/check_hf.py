@@ -13,7 +13,6 @@ does not load. Without torch it runs only our model, prints its top tokens, and 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from absl import app, flags
@@ -25,17 +24,16 @@ flags.DEFINE_string("prompt", "Question: what is 12 * 7? Let's think step by ste
                     "text to run, when the directory has a tokenizer")
 FLAGS = flags.FLAGS
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _FIXED_LENGTH = 12
 _TOP_K = 5
 
 
 def _tokenizer(hf_dir: str):
-    if not any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES):
-        return None
     from rstar_jax import tokenizer as tk
-    # The project's AutoTokenizer load, without adding the step tags (their ids may exceed the vocab).
-    return tk.load_tokenizer(hf_dir, add_step_tags=False)
+    try:  # The project's AutoTokenizer load, without adding the step tags (their ids may exceed the vocab).
+        return tk.load_tokenizer(hf_dir, add_step_tags=False)
+    except FileNotFoundError:  # no tokenizer files: fixed token ids instead
+        return None
 
 
 def _token_ids(tokenizer, prompt: str, vocab_size: int) -> list[int]:

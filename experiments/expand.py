@@ -1,23 +1,26 @@
 """One MCTS expansion, end to end: sample candidate steps, execute them in the sandbox, grade answers.
 
-  python -m experiments.expand                                  # the embedded miniature (tiny random policy)
+  python -m experiments.expand                                  # the embedded miniature
   python -m experiments.expand --hf_dir=/ckpt/qwen --problems=problems.jsonl --n=8
 
 For every problem: the rStar prompt (+ `--prefix`, the partial solution of the node being expanded) is
 prefilled once and `n` candidate steps are sampled, each stopping at a step tag; every code candidate's
 program (the current `<code>` block, replayed from scratch) runs in the sandbox, and every answer
 candidate is graded against the reference. Writes one JSON line per candidate to `--out` and prints a
-summary. Without `--hf_dir` the policy is the miniature's tiny Qwen2 with random weights (its base model
-is trained in the rounds pipeline), so candidates are noise, but every stage runs for real.
+summary. Without `--hf_dir` the policy is the miniature's tiny Qwen2, taught the step format by a short
+warm-up on generated solutions (a stand-in until the rounds pipeline trains the miniature's base model).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import time
 
 from absl import app, flags, logging
+
+from experiments import multihost
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF Qwen2 directory (weights + tokenizer); default: the miniature")
 _PROBLEMS = flags.DEFINE_string("problems", None, "JSONL problems {id, question, answer}; default: 4 generated")
@@ -33,6 +36,8 @@ _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 150, "miniature only: steps
                                      "on the example solutions before sampling (0 = random weights)")
 
 OPERATIONS = [("+", "adds"), ("-", "removes"), ("*", "multiplies it by")]
+# A step ends right after one of these (an <output> block is the tail of the step that closed the code).
+STEP_BOUNDARY = r"(?<=<end_of_step>)|(?<=<end_of_output>)|(?<=<end_of_answer>)"
 
 
 def example_problem(rng: random.Random, index: int) -> tuple[dict, str]:
@@ -133,23 +138,30 @@ def main(argv):
     from rstar_jax.verify.program import assemble_program, is_answer_step
     from rstar_jax.verify.sandbox import Sandbox
 
-    os.makedirs(_OUT.value, exist_ok=True)
+    import jax
+
+    from rstar_jax import parallel
+    multihost.initialize()
+    # Each process expands its own share of the problems with its own devices, into its own directory.
+    out = _OUT.value if jax.process_count() == 1 else os.path.join(_OUT.value, f"process_{jax.process_index()}")
+    os.makedirs(out, exist_ok=True)
     rng = random.Random(_SEED.value + 1)  # held out from the warm-up corpus's stream
     problems = load_problems(_PROBLEMS.value) if _PROBLEMS.value else [example_problem(rng, i)[0] for i in range(4)]
+    problems = parallel.host_shard(problems)
     timings = {}
     start = time.perf_counter()
     if _HF_DIR.value:
         tokenizer, model = load_policy(_HF_DIR.value)
     else:
-        tokenizer, model = miniature_policy(_OUT.value, _SEED.value, _WARMUP_STEPS.value)
+        tokenizer, model = miniature_policy(out, _SEED.value, _WARMUP_STEPS.value)
     timings["load"] = time.perf_counter() - start
     print(f"policy: {'HF ' + _HF_DIR.value if _HF_DIR.value else 'miniature (tiny Qwen2)'}, "
           f"{model.config.num_params() / 1e6:.2f}M params, vocab {len(tokenizer)}", flush=True)
 
     sampler = Sampler(model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                      stop_strings=tk.STOP_TAGS, stop_token_ids=[tk.tag_ids(tokenizer)[t] for t in tk.STOP_TAGS],
+                      stop_strings=tk.STOP_TAGS, stop_token_ids=tk.stop_token_ids(tokenizer),
                       eos_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
-                      pad_id=tokenizer.pad_token_id or 0, valid_vocab_size=len(tokenizer))
+                      pad_id=tokenizer.pad_token_id or 0, valid_vocab_size=tk.vocab_rows_needed(tokenizer))
     prompts = [tk.format_prompt(p["question"]) + _PREFIX.value for p in problems]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     start = time.perf_counter()
@@ -158,7 +170,8 @@ def main(argv):
     timings["generate"] = time.perf_counter() - start
 
     candidates = [(p, s) for p, per in zip(problems, samples) for s in per]
-    prefix_steps = [_PREFIX.value] if _PREFIX.value else []
+    # The node's path as separate steps, so program assembly sees where earlier code blocks closed.
+    prefix_steps = [step for step in re.split(STEP_BOUNDARY, _PREFIX.value) if step]
     code_jobs = [i for i, (_, s) in enumerate(candidates) if not is_answer_step(s.text)]
     answer_jobs = [i for i, (_, s) in enumerate(candidates) if is_answer_step(s.text)]
     start = time.perf_counter()
@@ -172,7 +185,7 @@ def main(argv):
 
     outcome = {i: {"kind": "code", **r.to_dict()} for i, r in zip(code_jobs, results)}
     outcome.update({i: {"kind": "answer", **v.to_dict()} for i, v in zip(answer_jobs, verdicts)})
-    path = os.path.join(_OUT.value, "candidates.jsonl")
+    path = os.path.join(out, "candidates.jsonl")
     with open(path, "w") as f:
         for i, (problem, sample) in enumerate(candidates):
             record = {"problem_id": problem["id"], "text": sample.text, "finish_reason": sample.finish_reason,

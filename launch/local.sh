@@ -3,8 +3,8 @@
 # flags, to exercise multi-host code paths (global meshes, host_shard, process-0-only I/O) on one box.
 #
 # usage: launch/local.sh NUM_PROCESSES MODULE FLAGFILE [extra flags...]
-#   e.g. launch/local.sh 2 round experiments/configs/mini.flags --run_dir=/tmp/run
-# MODULE is experiments.<MODULE> ("round", "bench.decode"). Each process gets DEVICES_PER_PROCESS
+#   e.g. launch/local.sh 2 expand experiments/configs/miniature_expand.flags --out=/tmp/expand
+# MODULE is experiments.<MODULE> (e.g. "expand"). Each process gets DEVICES_PER_PROCESS
 # (default 2) fake CPU devices; process 0 prints to the terminal, process i logs to
 # $LOG_DIR/process_i.log (default /tmp/rstar_local_<port>). PORT picks the coordinator port (default
 # a free one). If any process fails, the others are stopped.

@@ -5,7 +5,7 @@
 # and id from the TPU metadata.
 #
 # usage: TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh MODULE FLAGFILE [extra flags...]
-#   e.g. TPU_NAME=rstar ZONE=us-central2-b launch/tpu_pod.sh round experiments/configs/round1.flags
+#   e.g. TPU_NAME=rstar ZONE=us-central2-b launch/tpu_pod.sh expand experiments/configs/miniature_expand.flags
 # The repository must be checked out at ~/$REPO_DIR (default rstar_jax) on every worker with the
 # package installed (pip install -e '.[tpu]'); PYTHON (default python3) and PROJECT are optional.
 set -euo pipefail

@@ -29,6 +29,16 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
 
 @dataclasses.dataclass
 class Sample:
@@ -229,15 +239,23 @@ class Sampler:
         Sample j of prompt i draws from the stream (seed, prompt_ids[i], j) (prompt_ids default to the
         positions), so a sample does not depend on what else is in the batch.
         """
-        if not prompts:
+        if len(prompts) == 0:
             return []
-        if prompt_ids is None:
-            prompt_ids = range(len(prompts))
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if config.top_k > self.config.vocab_size:
+            raise ValueError(f"top_k={config.top_k} exceeds the vocabulary ({self.config.vocab_size})")
+        prompt_ids = list(range(len(prompts)) if prompt_ids is None else prompt_ids)
         if len(prompt_ids) != len(prompts):
             raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
+        if any(not 0 <= int(i) < 2**32 - 1 for i in prompt_ids):
+            raise ValueError("prompt_ids must be integers in [0, 2**32 - 1) (they seed the sampling streams)")
+        for i, p in enumerate(prompts):
+            if len(p) and not 0 <= min(p) <= max(p) < self.config.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size})")
         start = time.perf_counter()
         tokens, mask = self._pad_batch(prompts)
-        keys = self._row_keys(seed, list(prompt_ids), n, tokens.shape[0] * n)
+        keys = self._row_keys(seed, prompt_ids, n, tokens.shape[0] * n)
         ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             state = self._prefill(self.params, tokens, mask, keys, n=n, max_new_tokens=config.max_new_tokens)
@@ -274,6 +292,3 @@ class Sampler:
             return None
         pos, stop = min(found)
         return stop, pos + len(stop)
-
-    def num_compilations(self) -> int:
-        return self._prefill._cache_size() + self._decode._cache_size()

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import transformers  # noqa: E402
 

@@ -153,3 +153,17 @@ def test_inverse_cdf_sampling_matches_softmax_frequencies():
     want = np.exp(logits[support])
     sigma = np.sqrt(want * (1 - want) / rows)
     assert np.all(np.abs(freq - want) < 4 * sigma), (freq, want)
+
+
+def test_bad_sampling_input_is_refused(tiny_model):
+    for bad, message in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                         (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingConfig(**bad)
+    sampler = Sampler(tiny_model, _decode_fn({}))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        sampler.generate(_prompts(0, [3]), n=0)
+    with pytest.raises(ValueError, match=r"prompt 1 has token ids outside \[0, 64\)"):
+        sampler.generate([[1, 2], [5, 64]])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        sampler.generate(_prompts(0, [3]), prompt_ids=[2**33])

@@ -39,8 +39,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
     """Grouped-query attention.
 
     q: [B, T, H, Dh]; k, v: [B, G, S, Dh] (heads-major, the KV-cache layout) with H a multiple of G;
-    mask: [B, T, S] bool (True = may attend). Returns [B, T, H, Dh]. "dot_product" uses
-    `jax.nn.dot_product_attention`, which picks cuDNN / TPU flash kernels where present.
+    mask: [B, T, S] bool (True = may attend). Returns [B, T, H, Dh]. "dot_product" goes through
+    `jax.nn.dot_product_attention` (its XLA path in jax 0.10; the place to plug fused kernels).
     """
     scale = q.shape[-1] ** -0.5
     if impl == "xla":
@@ -54,26 +54,27 @@ def attend_with_shared_prefix(q: jax.Array, k: jax.Array, v: jax.Array, mask: ja
                               prefix_v: jax.Array, prefix_valid: jax.Array) -> jax.Array:
     """Attention for n samples that continue one prompt: the prompt's keys are read once, not n times.
 
-    q: [R, T, H, Dh] with R = B * n rows, rows b*n .. b*n+n-1 continuing prompt b; k, v: [R, G, S, Dh]
+    q: [B*n, T, H, Dh], rows b*n .. b*n+n-1 continuing prompt b; k, v: [B*n, G, S, Dh]
     the rows' own slots with mask [R, T, S]; prefix_k, prefix_v: [B, G, P, Dh] the prompts' slots, all
-    before any own slot, valid where prefix_valid [B, P]. One softmax over prefix and own slots together.
+    before any own slot, valid where prefix_valid [B, P]. One softmax over prefix and own slots together;
+    r = H // G query heads share a KV head.
     """
     rows, t, h, dh = q.shape
     b, g, p = prefix_k.shape[:3]
     n, r, s = rows // b, h // g, k.shape[2]
     scale = dh ** -0.5
     neg = jnp.finfo(jnp.float32).min
-    # Prefix logits with all n samples' queries of a prompt batched together: [B, G, n*R*T, P].
+    # Prefix logits with all n samples' queries of a prompt batched together: [B, G, n*r*T, P].
     q_pre = q.reshape(b, n, t, g, r, dh).transpose(0, 3, 1, 4, 2, 5).reshape(b, g, n * r * t, dh)
     l_pre = jnp.einsum("bgqd,bgpd->bgqp", q_pre, prefix_k, preferred_element_type=jnp.float32) * scale
     l_pre = l_pre + jnp.where(prefix_valid, 0.0, neg)[:, None, None]
-    # Own-slot logits: [R, G, R*T, S].
+    # Own-slot logits: [B*n, G, r*T, S].
     q_own = q.reshape(rows, t, g, r, dh).transpose(0, 2, 3, 1, 4).reshape(rows, g, r * t, dh)
     l_own = jnp.einsum("bgqd,bgsd->bgqs", q_own, k, preferred_element_type=jnp.float32) * scale
     l_own = (l_own.reshape(rows, g, r, t, s) + jnp.where(mask, 0.0, neg)[:, None, None]).reshape(rows, g, r * t, s)
     # Joint softmax: a common max per query, then both parts' exponentials share one denominator.
     m_pre = jnp.max(l_pre, axis=-1).reshape(b, g, n, r * t).transpose(0, 2, 1, 3).reshape(rows, g, r * t)
-    m = jnp.maximum(m_pre, jnp.max(l_own, axis=-1))  # [R, G, R*T]
+    m = jnp.maximum(m_pre, jnp.max(l_own, axis=-1))  # [B*n, G, r*T]
     m_by_prompt = m.reshape(b, n, g, r * t).transpose(0, 2, 1, 3).reshape(b, g, n * r * t)
     e_pre = jnp.exp(l_pre - m_by_prompt[..., None])
     e_own = jnp.exp(l_own - m[..., None])
@@ -81,5 +82,5 @@ def attend_with_shared_prefix(q: jax.Array, k: jax.Array, v: jax.Array, mask: ja
     o_own = jnp.einsum("bgqs,bgsd->bgqd", e_own.astype(v.dtype), v, preferred_element_type=jnp.float32)
     d_pre = jnp.sum(e_pre, axis=-1).reshape(b, g, n, r * t).transpose(0, 2, 1, 3).reshape(rows, g, r * t)
     o_pre = o_pre.reshape(b, g, n, r * t, dh).transpose(0, 2, 1, 3, 4).reshape(rows, g, r * t, dh)
-    out = (o_pre + o_own) / (d_pre + jnp.sum(e_own, axis=-1))[..., None]  # [R, G, R*T, Dh]
+    out = (o_pre + o_own) / (d_pre + jnp.sum(e_own, axis=-1))[..., None]  # [B*n, G, r*T, Dh]
     return out.reshape(rows, g, r, t, dh).transpose(0, 3, 1, 2, 4).reshape(rows, t, h, dh).astype(q.dtype)

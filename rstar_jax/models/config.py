@@ -28,8 +28,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     # Parameter dtype; activations follow it, while norms, softmax, RoPE and logits stay fp32.
     dtype: str = "float32"
-    # "xla": einsum attention; "dot_product": jax.nn.dot_product_attention (cuDNN / TPU flash kernels).
-    # Decode over a shared prompt prefix (the sampler's) always uses the two-part XLA softmax.
+    # "xla": einsum attention; "dot_product": jax.nn.dot_product_attention (in jax 0.10 its XLA path on
+    # every backend; the hook for fused kernels). Decode over a shared prompt prefix (the sampler's)
+    # always uses its own two-part softmax.
     attention_impl: str = "xla"
 
     def __post_init__(self):
@@ -76,7 +77,7 @@ class ModelConfig:
             "use_sliding_window": False,
             "rope_scaling": None,
             "attention_dropout": 0.0,
-            "torch_dtype": self.dtype,
+            "dtype": self.dtype,
         }
 
 
@@ -131,8 +132,13 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict, **overrides) -> Model
     rope = cfg.get("rope_parameters") or {}  # transformers 5 moved rope_theta (and scaling) here
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"{where}: unsupported rope_parameters={rope!r}; only plain RoPE is supported")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"{where}: missing required Qwen2 config fields {missing}")
     heads = cfg["num_attention_heads"]
     torch_dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    # Defaults are HF Qwen2Config's, so a config.json that omits a field means what it means to HF.
     fields = dict(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -142,10 +148,10 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict, **overrides) -> Model
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         intermediate_size=cfg["intermediate_size"],
         # transformers 5 reads rope_parameters first; so do we, or logits would differ from HF's.
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
         dtype="bfloat16" if torch_dtype == "bfloat16" else "float32",
     )
     fields.update(overrides)
