@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -253,6 +254,10 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) and not 0 <= min(p) <= max(p) < self.config.vocab_size:
                 raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size})")
+        longest = max(map(len, prompts)) + config.max_new_tokens
+        if longest > self.config.max_position_embeddings:
+            logging.warning("prompt + max_new_tokens reaches position %d, beyond the model's trained "
+                            "max_position_embeddings=%d", longest, self.config.max_position_embeddings)
         start = time.perf_counter()
         tokens, mask = self._pad_batch(prompts)
         keys = self._row_keys(seed, prompt_ids, n, tokens.shape[0] * n)
