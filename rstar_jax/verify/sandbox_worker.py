@@ -272,6 +272,9 @@ class ForkServer:
         gc.collect()
         gc.freeze()  # the collector would otherwise write to (and so copy) every inherited object in each child
         self._probe()
+        # Huge pages for the heap, now that it is complete (after the probe, whose fork split some): forking and
+        # each child's exit then cost a fraction of the page-table work.
+        self.isolation["huge_page_bytes"] = linux.collapse_anonymous_memory()
 
     def _set_up_mounts(self) -> None:
         namespaces.make_mounts_private()
