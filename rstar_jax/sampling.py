@@ -1,4 +1,4 @@
-"""Batched step sampler: prefill each prompt once, fan out to n samples, decode until a step tag.
+"""Batched step sampler: prefill each prompt once, share its cache with n samples, decode to a step tag.
 
 This is the engine under MCTS expansion. Prompts are left-padded to a length bucket and the batch to
 a power of two, so the number of compiled programs stays bounded; the decode loop is one jitted
