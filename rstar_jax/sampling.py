@@ -114,6 +114,15 @@ def _sample_rows(keys: jax.Array, logits: jax.Array, block: int = 256) -> jax.Ar
     return (chosen * block + offset).astype(jnp.int32)
 
 
+def _grow_own_cache(state: DecodeState, *, length: int) -> DecodeState:
+    """Pads the rows' own KV cache to `length` slots (new slots invalid); the shared prefix is untouched."""
+    cache = state.cache
+    extra = length - cache.length
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # [R, G, S, Dh] along S
+    return state.replace(cache=cache.replace(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                                             valid=jnp.pad(cache.valid, ((0, 0), (0, extra)))))
+
+
 class Sampler:
     """`generate(prompts, n)` -> n `Sample`s per prompt. Owns the compiled prefill/decode programs."""
 
@@ -122,7 +131,7 @@ class Sampler:
                  stop_sequences: Sequence[Sequence[int]] = (), eos_token_ids: Sequence[int] = (),
                  pad_id: int = 0, valid_vocab_size: int | None = None,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, batch_multiple: int = 1,
-                 mesh: jax.sharding.Mesh | None = None):
+                 first_segment: int = 64, mesh: jax.sharding.Mesh | None = None):
         """
         decode_fn: token ids -> text (special tokens kept, no whitespace clean-up).
         stop_strings: text stops, kept in the sample; checked on the decoded text, so a stop split across
@@ -130,6 +139,8 @@ class Sampler:
           device so rows finish early (a tag that is one special token, or its usual tokenisation).
         valid_vocab_size: logits at ids >= this are never sampled (embedding rows beyond the tokenizer).
         batch_multiple: the padded batch is a multiple of this (the mesh's batch-sharding size).
+        first_segment: own-cache slots of the first decode segment; the cache doubles while rows are
+          live, so a step that ends early never pays attention over max_new_tokens slots.
         """
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
@@ -149,13 +160,16 @@ class Sampler:
         self._eos = np.asarray(list(eos_token_ids) or [-3], np.int32)
         vocab = self.config.vocab_size
         self._vocab_mask = np.arange(vocab) < (valid_vocab_size or vocab)
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "max_new_tokens"))
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "max_new_tokens", "segment"))
+        self.first_segment = first_segment
         self._decode = jax.jit(self._decode_impl, static_argnames=("config",), donate_argnums=(1,))
+        self._grow = jax.jit(_grow_own_cache, static_argnames=("length",))
         self.last_timing: dict[str, float] = {}
 
     # ---- device programs -----------------------------------------------------------------------
 
-    def _prefill_impl(self, params, tokens, mask, row_keys, *, n: int, max_new_tokens: int) -> DecodeState:
+    def _prefill_impl(self, params, tokens, mask, row_keys, *, n: int, max_new_tokens: int,
+                      segment: int) -> DecodeState:
         """tokens, mask: [B, P] left-padded; row_keys: [B * n]. Prefill once; the n samples share the prompt's cache."""
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
@@ -163,7 +177,7 @@ class Sampler:
         logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every row's last token at P-1
         fan = lambda x: jnp.repeat(x, n, axis=0)
         prefix = SharedPrefix(k=prompt_cache.k, v=prompt_cache.v, valid=prompt_cache.valid)
-        cache = KVCache.zeros(self.config, b * n, max_new_tokens).replace(prefix=prefix)
+        cache = KVCache.zeros(self.config, b * n, segment).replace(prefix=prefix)
         rows = b * n
         return DecodeState(
             cache=cache, logits=fan(logits), positions=fan(jnp.sum(mask, axis=-1).astype(jnp.int32)), keys=row_keys,
@@ -175,7 +189,7 @@ class Sampler:
 
     def _decode_impl(self, params, state: DecodeState, *, config: SamplingConfig) -> DecodeState:
         model = nnx.merge(self.graphdef, params)
-        max_steps = state.tokens.shape[1]
+        max_steps = state.cache.length  # this segment's own slots; the host grows the cache for more
         stop_seqs, eos = jnp.asarray(self._stop_seqs), jnp.asarray(self._eos)
         vocab_mask = jnp.asarray(self._vocab_mask)
 
@@ -263,8 +277,15 @@ class Sampler:
         keys = self._row_keys(seed, prompt_ids, n, tokens.shape[0] * n)
         ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
-            state = self._prefill(self.params, tokens, mask, keys, n=n, max_new_tokens=config.max_new_tokens)
-            state = self._decode(self.params, state, config=config)
+            segment = min(self.first_segment, config.max_new_tokens)
+            state = self._prefill(self.params, tokens, mask, keys, n=n, max_new_tokens=config.max_new_tokens,
+                                  segment=segment)
+            while True:  # decode segments of doubling length until every row is done or out of tokens
+                state = self._decode(self.params, state, config=config)
+                if segment == config.max_new_tokens or bool(jnp.all(state.done)):
+                    break
+                segment = min(2 * segment, config.max_new_tokens)
+                state = self._grow(state, length=segment)
             out_tokens, out_logprobs, finish, length = jax.device_get(
                 (state.tokens, state.logprobs, state.finish, state.length))
         device_s = time.perf_counter() - start

@@ -167,3 +167,14 @@ def test_bad_sampling_input_is_refused(tiny_model):
         sampler.generate([[1, 2], [5, 64]])
     with pytest.raises(ValueError, match="prompt_ids"):
         sampler.generate(_prompts(0, [3]), prompt_ids=[2**33])
+
+
+def test_doubling_decode_segments_match_one_segment(tiny_model):
+    prompts = _prompts(8, [6, 11, 2])
+    cfg = SamplingConfig(max_new_tokens=21, temperature=1.0)
+    whole = Sampler(tiny_model, _decode_fn({}), first_segment=64).generate(prompts, n=2, config=cfg, seed=5)
+    segmented = Sampler(tiny_model, _decode_fn({}), first_segment=4)  # 4 -> 8 -> 16 -> 21 own slots
+    got = segmented.generate(prompts, n=2, config=cfg, seed=5)
+    assert [[s.token_ids for s in per] for per in got] == [[s.token_ids for s in per] for per in whole]
+    assert all(len(s.token_ids) == 21 for per in got for s in per)
+    assert segmented._grow._cache_size() == 3
