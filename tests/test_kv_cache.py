@@ -38,3 +38,17 @@ def test_shared_prefix_decode_equals_full_forward():
     hidden, _ = model(jnp.asarray(full), positions_from_mask(jnp.asarray(full_mask)), jnp.asarray(full_mask))
     want = np.asarray(model.logits(hidden))[:, width:]
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_query_chunked_attention_equals_whole():
+    import jax
+
+    from rstar_jax.models.attention import attend
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, 37, 4, 16))  # T=37: not a multiple of the chunk
+    k = jax.random.normal(keys[1], (2, 2, 37, 16))
+    v = jax.random.normal(keys[2], (2, 2, 37, 16))
+    mask = jnp.tril(jnp.ones((37, 37), bool))[None] & jax.random.bernoulli(keys[3], 0.9, (2, 1, 37))
+    whole = attend(q, k, v, mask, query_chunk=64)
+    chunked = attend(q, k, v, mask, query_chunk=8)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)

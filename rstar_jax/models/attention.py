@@ -35,15 +35,31 @@ def _xla_attention(q, k, v, mask, scale):
     return out.reshape(b, g, r, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
+def _chunked_xla_attention(q, k, v, mask, scale, chunk):
+    """`_xla_attention` over blocks of `chunk` queries, so logits never exceed [B, G, R*chunk, S]."""
+    b, t, h, dh = q.shape
+    pad = -t % chunk
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    blocks = (q.reshape(b, -1, chunk, h, dh).swapaxes(0, 1), mask.reshape(b, -1, chunk, mask.shape[-1]).swapaxes(0, 1))
+    out = jax.lax.map(lambda qm: _xla_attention(qm[0], k, v, qm[1], scale), blocks)  # [T/chunk, B, chunk, H, Dh]
+    return out.swapaxes(0, 1).reshape(b, t + pad, h, dh)[:, :t]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla",
+           query_chunk: int = 512) -> jax.Array:
     """Grouped-query attention.
 
     q: [B, T, H, Dh]; k, v: [B, G, S, Dh] (heads-major, the KV-cache layout) with H a multiple of G;
-    mask: [B, T, S] bool (True = may attend). Returns [B, T, H, Dh]. "dot_product" goes through
-    `jax.nn.dot_product_attention` (its XLA path in jax 0.10; the place to plug fused kernels).
+    mask: [B, T, S] bool (True = may attend). Returns [B, T, H, Dh]. "xla" handles queries in blocks
+    of `query_chunk` once T exceeds it (long prefills and training: memory linear in T, not T*S).
+    "dot_product" goes through `jax.nn.dot_product_attention` (its XLA path in jax 0.10; the place to
+    plug fused kernels).
     """
     scale = q.shape[-1] ** -0.5
     if impl == "xla":
+        if q.shape[1] > query_chunk:
+            return _chunked_xla_attention(q, k, v, mask, scale, query_chunk)
         return _xla_attention(q, k, v, mask, scale)
     if impl == "dot_product":
         return jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, None], scale=scale)
