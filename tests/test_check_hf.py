@@ -82,15 +82,19 @@ def test_good_ppm_dir_passes_and_compares_the_score(ppm_dir, capsys):
     assert _max_abs_diff(lines) <= 1e-4
 
 
-def test_a_loader_bug_on_one_weight_fails(policy_dir, capsys, monkeypatch):
-    # Our side reads one tensor wrong (as a bad conversion would); HF reads the file as it is.
+def _misread_on_our_side(monkeypatch, bad_key):
+    """Our loader reads `bad_key` off by 0.01 (as a bad conversion would); HF reads the file as it is."""
     real = hf_io.SafetensorsReader.read_block
 
     def buggy(self, key, layout, shape, index):
         block = real(self, key, layout, shape, index)
-        return block + 0.01 if key == "model.layers.1.mlp.down_proj.weight" else block
+        return block + 0.01 if key == bad_key else block
 
     monkeypatch.setattr(hf_io.SafetensorsReader, "read_block", buggy)
+
+
+def test_a_loader_bug_on_one_weight_fails(policy_dir, capsys, monkeypatch):
+    _misread_on_our_side(monkeypatch, "model.layers.1.mlp.down_proj.weight")
     status, lines = _run(capsys, hf_dir=policy_dir, prompt=PROMPT)
     assert status == 1
     assert _max_abs_diff(lines) > 1e-4
@@ -98,13 +102,7 @@ def test_a_loader_bug_on_one_weight_fails(policy_dir, capsys, monkeypatch):
 
 
 def test_a_wrong_ppm_head_fails(ppm_dir, capsys, monkeypatch):
-    real = hf_io.SafetensorsReader.read_block
-
-    def buggy(self, key, layout, shape, index):
-        block = real(self, key, layout, shape, index)
-        return block + 0.01 if key == "v_head.summary.bias" else block
-
-    monkeypatch.setattr(hf_io.SafetensorsReader, "read_block", buggy)
+    _misread_on_our_side(monkeypatch, "v_head.summary.bias")
     status, lines = _run(capsys, hf_dir=ppm_dir, ppm=True)
     assert status == 1 and abs(_max_abs_diff(lines) - 0.01) < 1e-4
 
