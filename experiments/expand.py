@@ -158,10 +158,7 @@ def main(argv):
     print(f"policy: {'HF ' + _HF_DIR.value if _HF_DIR.value else 'miniature (tiny Qwen2)'}, "
           f"{model.config.num_params() / 1e6:.2f}M params, vocab {len(tokenizer)}", flush=True)
 
-    sampler = Sampler(model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                      stop_strings=tk.STOP_TAGS, stop_token_ids=tk.stop_token_ids(tokenizer),
-                      eos_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
-                      pad_id=tokenizer.pad_token_id or 0, valid_vocab_size=tk.vocab_rows_needed(tokenizer))
+    sampler = Sampler.for_steps(model, tokenizer)
     prompts = [tk.format_prompt(p["question"]) + _PREFIX.value for p in problems]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     start = time.perf_counter()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from rstar_jax import tokenizer as tk
 from rstar_jax.models.qwen2 import KVCache, Qwen2, SharedPrefix, positions_from_mask
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -165,6 +166,14 @@ class Sampler:
         self._decode = jax.jit(self._decode_impl, static_argnames=("config",), donate_argnums=(1,))
         self._grow = jax.jit(_grow_own_cache, static_argnames=("length",))
         self.last_timing: dict[str, float] = {}
+
+    @classmethod
+    def for_steps(cls, model: Qwen2, tokenizer, **kwargs) -> "Sampler":
+        """A sampler of rStar steps: stops at the step tags (as tokens and as text), eos ends a row too."""
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return cls(model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), stop_strings=tk.STOP_TAGS,
+                   stop_token_ids=tk.stop_token_ids(tokenizer), eos_token_ids=eos, pad_id=tokenizer.pad_token_id or 0,
+                   valid_vocab_size=tk.vocab_rows_needed(tokenizer), **kwargs)
 
     # ---- device programs -----------------------------------------------------------------------
 

@@ -1,0 +1,305 @@
+"""The search driver: one lock-step loop over a batch of trees, expanding every live tree's leaf at once.
+
+Each iteration: select a leaf in every live tree (jit) -> build each leaf's prompt from its path -> one
+sampler call for all leaves (prefill once, fan out n, stop at the step tags) -> candidate filtering ->
+one sandbox call for every code candidate -> `<output>` appended after `<end_of_code>` -> one grader call
+for every answer -> one PPM call for every new child (when the mode uses one) -> insert + backup (jit).
+A finished tree is written as one JSON line and its slot takes the next problem (continuous batching).
+
+Resume: the output file is append-only and flushed per tree; a restart skips the (problem, seed) pairs
+already written. A tree's randomness depends only on (seed, problem id, node id), so a resumed run
+writes the same trees as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+import zlib
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rstar_jax import tokenizer as tk
+from rstar_jax.sampling import Sampler, SamplingConfig
+from rstar_jax.search import backup, select, steps, tree as tr
+from rstar_jax.search.config import SearchConfig
+from rstar_jax.search.scoring import Scorer
+from rstar_jax.verify.grader import Grader
+from rstar_jax.verify.program import assemble_program
+from rstar_jax.verify.sandbox import Sandbox
+
+_log = logging.getLogger(__name__)
+PHASES = ("tree", "generate", "execute", "grade", "score")
+
+
+class ResumeError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class _Slot:
+    """Host-side state of the tree in one batch slot."""
+
+    problem: dict
+    seed: int
+    prompt: str
+    texts: list[str]  # [node] step text ("" for the root)
+    parents: list[int]  # [node]
+    answers: dict[int, tuple[str | None, bool]] = dataclasses.field(default_factory=dict)  # node -> (answer, ok)
+
+    @property
+    def solved(self) -> bool:
+        return any(ok for _, ok in self.answers.values())
+
+    def path_text(self, node: int) -> str:
+        parts = []
+        while node > 0:
+            parts.append(self.texts[node])
+            node = self.parents[node]
+        return "".join(reversed(parts))
+
+    def path_steps(self, node: int) -> list[str]:
+        out = []
+        while node > 0:
+            out.append(self.texts[node])
+            node = self.parents[node]
+        return out[::-1]
+
+
+def stream_id(problem_id: str, seed: int, node: int) -> int:
+    """The sampler stream of one expansion: a function of the tree's identity and the node alone."""
+    return zlib.crc32(f"{problem_id}\x00{seed}\x00{node}".encode()) % (2**32 - 1)
+
+
+def read_finished(path: str, digest: str) -> set[tuple[str, int]]:
+    """(problem_id, seed) of the trees already in `path`, after cutting a line left half-written by a kill.
+
+    A tree written under other search settings is an error: mixing them would corrupt the stage's output.
+    """
+    if not os.path.exists(path):
+        return set()
+    finished, good = set(), 0
+    with open(path, "rb+") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):  # a write cut short by a kill: only ever the last line
+                break
+            good += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ResumeError(f"{path}:{number}: not a JSON tree record ({exc})") from None
+            if record.get("config_digest") != digest:
+                raise ResumeError(f"{path}:{number}: written with search settings {record.get('config_digest')}, "
+                                  f"these are {digest}; use another output directory or the same settings")
+            finished.add((record["problem_id"], int(record["seed"])))
+        size = f.seek(0, os.SEEK_END)
+        if good < size:
+            _log.warning("%s: dropping %d bytes of an unfinished record at the end", path, size - good)
+            f.truncate(good)
+    return finished
+
+
+class SearchDriver:
+    """Runs MCTS over problems with a policy (and a reward model), writing one tree record per search."""
+
+    def __init__(self, config: SearchConfig, model, tokenizer, *, sandbox: Sandbox, grader: Grader,
+                 scorer: Scorer | None = None, mesh=None, progress: Callable[[str], None] = print,
+                 progress_every_s: float = 10.0):
+        if config.uses_ppm and scorer is None:
+            raise ValueError(f"mode {config.mode!r} needs a reward model to score steps (scorer)")
+        self.config, self.tokenizer, self.sandbox, self.grader, self.scorer = config, tokenizer, sandbox, grader, scorer
+        self.sampler = Sampler.for_steps(model, tokenizer, mesh=mesh)
+        self.sampling = SamplingConfig(max_new_tokens=config.max_step_tokens, temperature=config.temperature,
+                                       top_p=config.top_p, top_k=config.top_k)
+        self.progress, self.progress_every_s = progress, progress_every_s
+        self.times = collections.Counter()
+        n = config.num_candidates
+        self._select = jax.jit(functools.partial(select.select, score_fn=select.uct(config.c, config.unvisited),
+                                                 max_children=n), donate_argnums=(0,))
+        self._expand = jax.jit(functools.partial(_insert_and_backup, max_depth=config.max_depth,
+                                                 ppm_leaf_values=config.uses_ppm,
+                                                 propagate_failures=config.propagate_failures), donate_argnums=(0,))
+        self._reset = jax.jit(_reset_rows, donate_argnums=(0,))
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self, problems: Sequence[dict], out_path: str) -> dict:
+        """Search every (problem, seed) not yet in `out_path`; append their records. Returns run statistics."""
+        cfg = self.config
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        finished = read_finished(out_path, cfg.digest())
+        todo = collections.deque((p, cfg.seed + r) for p in problems for r in range(cfg.runs)
+                                 if (p["id"], cfg.seed + r) not in finished)
+        total, skipped = len(problems) * cfg.runs, len(problems) * cfg.runs - len(todo)
+        if skipped:
+            self.progress(f"resuming: {skipped}/{total} searches already in {out_path}")
+        b = min(cfg.batch_size, max(len(todo), 1))
+        tree = tr.empty(b, cfg.tree_capacity)
+        slots: list[_Slot | None] = [None] * b
+        cursor, rollouts, limit = np.full(b, -1, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+        start, last_report, done, expansions = time.perf_counter(), time.perf_counter(), 0, 0
+        with open(out_path, "a") as out:
+            while True:
+                fresh = np.zeros(b, bool)
+                for i in range(b):
+                    if slots[i] is None and todo:
+                        problem, seed = todo.popleft()
+                        slots[i] = _Slot(problem, seed, tk.format_prompt(problem["question"]), [""], [-1])
+                        cursor[i], rollouts[i], fresh[i] = 0, 0, True
+                if not any(s is not None for s in slots):
+                    break
+                t = time.perf_counter()
+                if fresh.any():
+                    tree = self._reset(tree, jnp.asarray(fresh))
+                for i, slot in enumerate(slots):
+                    limit[i] = cfg.rollouts if slot is None or slot.solved or cfg.mode == "inference" \
+                        else max(cfg.rollouts, cfg.max_rollouts_unsolved)
+                tree, leaf, rollouts_done = self._select(tree, jnp.asarray(cursor), jnp.asarray(rollouts),
+                                                         jnp.asarray(limit))
+                leaf, rollouts = np.asarray(leaf), np.array(rollouts_done)
+                cursor = leaf.copy()
+                self.times["tree"] += time.perf_counter() - t
+                for i, slot in enumerate(slots):
+                    if slot is not None and leaf[i] < 0:
+                        self._write(out, tree, i, slot, int(rollouts[i]))
+                        slots[i], done = None, done + 1
+                if (leaf >= 0).any():
+                    tree = self._expand_leaves(tree, leaf, slots)
+                    expansions += int((leaf >= 0).sum())
+                now = time.perf_counter()
+                if now - last_report >= self.progress_every_s:
+                    last_report = now
+                    self.progress(self._status(done + skipped, total, int(rollouts.sum()), now - start))
+        self.progress(self._status(done + skipped, total, int(rollouts.sum()), time.perf_counter() - start))
+        return {"searched": done, "skipped": skipped, "expansions": expansions,
+                "seconds": dict(self.times), "wall_s": time.perf_counter() - start}
+
+    def _status(self, done: int, total: int, rollouts: int, elapsed: float) -> str:
+        busy = sum(self.times.values()) or 1.0
+        split = ", ".join(f"{k} {100 * self.times[k] / busy:.0f}%" for k in PHASES)
+        return f"search: {done}/{total} problems, {elapsed:.0f}s; time split: {split}"
+
+    # ---- one expansion of every live tree ------------------------------------------------------
+
+    def _expand_leaves(self, tree: tr.Tree, leaf: np.ndarray, slots: list[_Slot | None]) -> tr.Tree:
+        cfg, n = self.config, self.config.num_candidates
+        live = [i for i in range(len(slots)) if leaf[i] >= 0]
+        prompts = {i: slots[i].prompt + slots[i].path_text(int(leaf[i])) for i in live}
+        ids = {i: self.tokenizer.encode(prompts[i], add_special_tokens=False) for i in live}
+        # A leaf whose context is used up gets no children and becomes a dead end.
+        expandable = [i for i in live if len(ids[i]) < cfg.max_context_tokens]
+
+        t = time.perf_counter()
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=min(
+            cfg.max_step_tokens, max((cfg.max_context_tokens - len(ids[i]) for i in expandable), default=1)))
+        samples = self.sampler.generate([ids[i] for i in expandable], n=n, config=sampling, seed=0,
+                                        prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i]))
+                                                    for i in expandable]) if expandable else []
+        self.times["generate"] += time.perf_counter() - t
+        cands = {i: steps.candidate_steps([(s.text, s.finish_reason) for s in per], dedupe=cfg.dedupe,
+                                          answer_first=cfg.answer_first) for i, per in zip(expandable, samples)}
+
+        t = time.perf_counter()
+        code = [(i, c) for i in cands for c in cands[i] if c.kind == steps.CODE]
+        programs = [assemble_program(slots[i].path_steps(int(leaf[i])) + [c.text]) for i, c in code]
+        results = self.sandbox.run(programs, timeout_s=cfg.exec_timeout_s) if programs else []
+        executed = {id(c): r for (_, c), r in zip(code, results)}
+        for (_, c), r in zip(code, results):
+            c.text = steps.with_output(c.text, r) if not r.failed else c.text
+        self.times["execute"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        answer = [(i, c) for i in cands for c in cands[i] if c.kind == steps.ANSWER_STEP]
+        verdicts = self.grader.grade_batch([(c.text, slots[i].problem["answer"]) for i, c in answer])
+        graded = {id(c): v for (_, c), v in zip(answer, verdicts)}
+        self.times["grade"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        scored = {}
+        if self.scorer is not None and cfg.uses_ppm:
+            flat = [(i, c) for i in cands for c in cands[i]]
+            values = self.scorer.score([prompts[i] + c.text for i, c in flat])
+            scored = {id(c): float(v) for (_, c), v in zip(flat, values)}
+        self.times["score"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        b = len(slots)
+        num_new = np.zeros(b, np.int32)
+        reason = np.zeros((b, n), np.int32)
+        reward = np.zeros((b, n), np.float32)
+        init_value = np.full((b, n), np.nan, np.float32)
+        for i in cands:
+            num_new[i] = len(cands[i])
+            for j, c in enumerate(cands[i]):
+                init_value[i, j] = scored.get(id(c), math.nan)
+                if c.kind == steps.ANSWER_STEP:
+                    v = graded[id(c)]
+                    reason[i, j] = tr.ANSWER
+                    # Inference backs up the PPM's opinion of the answer; data generation the graded truth.
+                    reward[i, j] = init_value[i, j] if cfg.mode == "inference" else (1.0 if v.equal else -1.0)
+                elif c.kind == steps.NO_STOP or executed[id(c)].failed:
+                    reason[i, j] = tr.NO_STOP if c.kind == steps.NO_STOP else tr.EXEC_ERROR
+                    reward[i, j] = -1.0
+        tree, new_ids = self._expand(tree, jnp.asarray(leaf), jnp.asarray(num_new), jnp.asarray(reason),
+                                     jnp.asarray(reward), jnp.asarray(init_value))
+        new_ids = np.asarray(new_ids)
+        for i in cands:
+            slot = slots[i]
+            for j, c in enumerate(cands[i]):
+                if new_ids[i, j] < 0:
+                    continue
+                assert new_ids[i, j] == len(slot.texts), "host and device trees disagree"
+                slot.texts.append(c.text)
+                slot.parents.append(int(leaf[i]))
+                if c.kind == steps.ANSWER_STEP:
+                    v = graded[id(c)]
+                    slot.answers[int(new_ids[i, j])] = (v.extracted, bool(v.equal))
+        self.times["tree"] += time.perf_counter() - t
+        return tree
+
+    # ---- output --------------------------------------------------------------------------------
+
+    def _write(self, out, tree: tr.Tree, i: int, slot: _Slot, rollouts: int) -> None:
+        row = jax.device_get(jax.tree.map(lambda x: x[i], tree))
+        nodes = []
+        for k in range(int(row.num_nodes)):
+            answer, correct = slot.answers.get(k, (None, None))
+            init = float(row.init_value[k])
+            nodes.append({"id": k, "parent": int(row.parent[k]), "depth": int(row.depth[k]), "text": slot.texts[k],
+                          "visits": int(row.visits[k]), "value_sum": float(row.value_sum[k]),
+                          "init_value": None if math.isnan(init) else init,
+                          "terminal_reason": tr.TERMINAL_REASONS[int(row.terminal_reason[k])],
+                          "final_answer": answer, "correct": correct})
+        answers = [ok for _, ok in slot.answers.values()]
+        record = {"problem_id": slot.problem["id"], "prompt": slot.prompt, "answer": slot.problem["answer"],
+                  "mode": self.config.mode, "config_digest": self.config.digest(), "seed": slot.seed,
+                  "nodes": nodes, "stats": {"rollouts": rollouts, "answers": len(answers),
+                                            "correct_answers": sum(answers)}}
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _insert_and_backup(tree, leaf, num_new, reason, reward, init_value, *, max_depth, ppm_leaf_values,
+                       propagate_failures):
+    text_index = jnp.full(reason.shape, -1, jnp.int32)  # texts live in the driver's per-tree lists
+    tree, ids = tr.insert(tree, leaf, num_new, reason, reward, init_value, text_index, max_depth=max_depth)
+    tree = backup.backup_children(tree, ids, ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures)
+    return tree, ids
+
+
+def _reset_rows(tree: tr.Tree, rows: jax.Array) -> tr.Tree:
+    """Rows marked in `rows` [B] become fresh single-root trees."""
+    fresh = tr.empty(tree.batch_size, tree.capacity)
+    pick = lambda new, old: jnp.where(rows.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    return jax.tree.map(pick, fresh, tree)

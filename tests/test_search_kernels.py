@@ -1,0 +1,172 @@
+"""The array tree kernels against the plain-Python reference on random trees and candidate streams."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rstar_jax.search import backup, select, tree as tr
+from rstar_jax.search.reference import Candidate, ReferenceTree
+
+B, K, MAX_DEPTH, CAPACITY = 6, 4, 5, 160
+REASONS = [tr.NONE] * 10 + [tr.ANSWER] * 3 + [tr.EXEC_ERROR, tr.NO_STOP]
+
+
+@functools.partial(jax.jit, static_argnames=("c", "unvisited"))
+def _select(tree, cursor, done, limit, *, c, unvisited):
+    return select.select(tree, cursor, done, limit, score_fn=select.uct(c, unvisited), max_children=K)
+
+
+@functools.partial(jax.jit, static_argnames=("ppm_leaf_values", "propagate_failures"))
+def _expand(tree, leaf, num_new, reason, reward, init_value, text_index, *, ppm_leaf_values, propagate_failures):
+    tree, ids = tr.insert(tree, leaf, num_new, reason, reward, init_value, text_index, max_depth=MAX_DEPTH)
+    tree = backup.backup_children(tree, ids, ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures)
+    return tree, ids
+
+
+def _random_candidates(rng: np.random.Generator, text_base: int) -> list[Candidate]:
+    count = int(rng.choice([0, 1, 2, 3, 4], p=[0.03, 0.12, 0.25, 0.3, 0.3]))
+    out = []
+    for j in range(count):
+        reason = int(rng.choice(REASONS))
+        reward = float(rng.choice([1.0, -1.0])) if reason == tr.ANSWER else (-1.0 if reason != tr.NONE else 0.0)
+        # Dyadic PPM scores keep float32 and float64 sums exact, so the implementations can be compared exactly.
+        out.append(Candidate(reason, reward, float(rng.integers(-8, 9)) / 8, text_base + j))
+    return out
+
+
+def _assert_same(tree: tr.Tree, refs: list[ReferenceTree]) -> None:
+    arrays = jax.device_get(tree)
+    for b, ref in enumerate(refs):
+        n = len(ref.nodes)
+        assert arrays.num_nodes[b] == n
+        nodes = ref.nodes
+        np.testing.assert_array_equal(arrays.parent[b, :n], [x.parent.id if x.parent else -1 for x in nodes])
+        np.testing.assert_array_equal(arrays.depth[b, :n], [x.depth for x in nodes])
+        np.testing.assert_array_equal(arrays.num_children[b, :n], [len(x.children) for x in nodes])
+        np.testing.assert_array_equal(arrays.first_child[b, :n],
+                                      [x.children[0].id if x.children else -1 for x in nodes])
+        np.testing.assert_array_equal(arrays.visits[b, :n], [x.visits for x in nodes])
+        np.testing.assert_array_equal(arrays.value_sum[b, :n], [x.value_sum for x in nodes])
+        np.testing.assert_array_equal(arrays.terminal_reason[b, :n], [x.terminal_reason for x in nodes])
+        np.testing.assert_array_equal(arrays.reward[b, :n], [x.reward for x in nodes])
+        np.testing.assert_array_equal(arrays.text_index[b, :n], [x.text_index for x in nodes])
+        np.testing.assert_array_equal(arrays.init_value[b, :n], [x.init_value for x in nodes])
+
+
+@pytest.mark.parametrize("ppm_leaf_values,propagate_failures,unvisited,seed", [
+    (False, False, "zero", 0), (True, False, "zero", 1), (False, True, "inf", 2), (True, True, "inf", 3),
+    (True, False, "zero", 4)])
+def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited, seed):
+    rng = np.random.default_rng(seed)
+    limits = rng.integers(2, 9, size=B)
+    refs = [ReferenceTree(max_depth=MAX_DEPTH, capacity=CAPACITY, unvisited=unvisited,
+                          ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures,
+                          root_text_index=100 * b) for b in range(B)]
+    tree = tr.empty(B, CAPACITY, jnp.arange(B, dtype=jnp.int32) * 100)
+    cursor, done = jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)
+    finished_at = [None] * B
+    for step in range(200):
+        tree, leaf, done = _select(tree, cursor, done, jnp.asarray(limits, jnp.int32), c=2.0, unvisited=unvisited)
+        ref_leaves = [ref.select(int(limits[b])) for b, ref in enumerate(refs)]
+        np.testing.assert_array_equal(np.asarray(leaf), [x.id if x else -1 for x in ref_leaves], err_msg=f"step {step}")
+        np.testing.assert_array_equal(np.asarray(done), [r.rollouts_done for r in refs])
+        _assert_same(tree, refs)
+        cursor = leaf
+        if not any(ref_leaves):
+            break
+        num_new = np.zeros(B, np.int32)
+        fields = np.zeros((4, B, K), np.float32)
+        fields[3] = -1
+        for b, x in enumerate(ref_leaves):
+            if x is None:
+                finished_at[b] = finished_at[b] or step
+                continue
+            cands = _random_candidates(rng, 1000 * step + 10 * b)
+            refs[b].expand(x, cands)
+            num_new[b] = len(cands)
+            for j, cand in enumerate(cands):
+                fields[:, b, j] = cand.terminal_reason, cand.reward, cand.init_value, cand.text_index
+        tree, ids = _expand(tree, leaf, jnp.asarray(num_new), jnp.asarray(fields[0], jnp.int32),
+                            jnp.asarray(fields[1]), jnp.asarray(fields[2]), jnp.asarray(fields[3], jnp.int32),
+                            ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures)
+        _assert_same(tree, refs)
+    # The stream must have exercised the interesting paths, or the comparison proves little.
+    assert not any(ref.select(int(limits[b])) for b, ref in enumerate(refs)), "trees did not finish in 200 steps"
+    reasons = np.asarray(tree.terminal_reason)
+    assert (reasons == tr.DEAD_END).any() and (reasons == tr.MAX_DEPTH).any()
+    assert max(r.rollouts_done for r in refs) >= 3, [r.rollouts_done for r in refs]
+
+
+def test_uct_reference_conventions():
+    score = select.uct(2.0, "zero")
+    q = jnp.array([0.5, 0.0, 0.5])
+    visits = jnp.array([2, 0, 4])
+    s = score(q, visits, jnp.int32(6), q)
+    np.testing.assert_allclose(s, [0.5 + 2 * math.sqrt(math.log(6) / 2), 0.0, 0.5 + 2 * math.sqrt(math.log(6) / 4)],
+                               rtol=1e-6)
+    assert np.all(np.asarray(score(q, visits, jnp.int32(0), q)) == np.asarray(q))  # parent unvisited: no exploration
+    assert np.isinf(select.uct(2.0, "inf")(q, visits, jnp.int32(6), q)[1])
+    with pytest.raises(ValueError, match="unvisited"):
+        select.uct(2.0, "never")
+
+
+def test_select_ties_terminal_children_and_dead_ends():
+    # root -> children 1, 2, 3 (2 terminal); all unvisited: the first live child wins the tie.
+    tree = tr.empty(1, 16)
+    reason = jnp.array([[tr.NONE, tr.ANSWER, tr.NONE]], jnp.int32)
+    tree, ids = tr.insert(tree, jnp.array([0]), jnp.array([3]), reason, jnp.array([[0.0, 1.0, 0.0]]),
+                          jnp.full((1, 3), jnp.nan), jnp.arange(3)[None], max_depth=16)
+    np.testing.assert_array_equal(ids, [[1, 2, 3]])
+    kwargs = dict(score_fn=select.uct(), max_children=3)
+    limit = jnp.array([5])
+    tree, leaf, done = select.select(tree, jnp.array([0]), jnp.array([0]), limit, **kwargs)
+    assert int(leaf[0]) == 1 and int(done[0]) == 0
+    # Child 1 expands into one terminal child: the rollout ends there, 1 becomes a dead end, the next starts at
+    # the root and takes child 3 (2 is terminal).
+    tree, _ = tr.insert(tree, leaf, jnp.array([1]), jnp.array([[tr.EXEC_ERROR]]), jnp.array([[-1.0]]),
+                        jnp.full((1, 1), jnp.nan), jnp.array([[9]]), max_depth=16)
+    tree, leaf, done = select.select(tree, leaf, done, limit, **kwargs)
+    assert int(leaf[0]) == 3 and int(done[0]) == 1
+    assert int(tree.terminal_reason[0, 1]) == tr.DEAD_END
+    # Child 3 gets no children at all: it is a dead end, and so is the root, whose children are now all terminal.
+    tree, _ = tr.insert(tree, leaf, jnp.array([0]), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)),
+                        jnp.zeros((1, 1)), jnp.zeros((1, 1), jnp.int32), max_depth=16)
+    tree, leaf, done = select.select(tree, leaf, done, limit, **kwargs)
+    assert int(leaf[0]) == -1 and int(done[0]) == 2
+    assert [int(r) for r in tree.terminal_reason[0, :4]] == [tr.DEAD_END, tr.DEAD_END, tr.ANSWER, tr.DEAD_END]
+
+
+def test_backup_terminal_guided_and_ppm():
+    tree = tr.empty(1, 8)
+    tree, a = tr.insert(tree, jnp.array([0]), jnp.array([2]), jnp.array([[tr.NONE, tr.NONE]]), jnp.zeros((1, 2)),
+                        jnp.array([[0.25, -0.5]]), jnp.zeros((1, 2), jnp.int32), max_depth=16)
+    tree = backup.backup_children(tree, a, ppm_leaf_values=True, propagate_failures=False)
+    # PPM-augmented: each new child gets one local update with its score; the parent is untouched.
+    np.testing.assert_array_equal(tree.visits[0, :3], [0, 1, 1])
+    np.testing.assert_array_equal(tree.value_sum[0, :3], [0, 0.25, -0.5])
+    tree, b = tr.insert(tree, jnp.array([1]), jnp.array([2]), jnp.array([[tr.ANSWER, tr.EXEC_ERROR]]),
+                        jnp.array([[1.0, -1.0]]), jnp.zeros((1, 2)), jnp.zeros((1, 2), jnp.int32), max_depth=16)
+    tree = backup.backup_children(tree, b, ppm_leaf_values=True, propagate_failures=False)
+    # The graded answer is backed up along its path; the failure stays on its own node.
+    np.testing.assert_array_equal(tree.visits[0, :5], [1, 2, 1, 1, 1])
+    np.testing.assert_array_equal(tree.value_sum[0, :5], [1, 1.25, -0.5, 1, -1])
+    np.testing.assert_allclose(tree.q_values()[0, :5], [1, 0.625, -0.5, 1, -1])
+
+
+def test_insert_depth_limit_and_capacity():
+    tree = tr.empty(2, 4)
+    none = jnp.zeros((2, 3), jnp.int32)
+    tree, ids = tr.insert(tree, jnp.array([0, 0]), jnp.array([3, 1]), none, jnp.zeros((2, 3)), jnp.zeros((2, 3)),
+                          none, max_depth=1)
+    np.testing.assert_array_equal(ids, [[1, 2, 3], [1, -1, -1]])
+    assert [int(r) for r in tree.terminal_reason[0, 1:4]] == [tr.MAX_DEPTH] * 3
+    np.testing.assert_array_equal(tree.reward[0, 1:4], [-1, -1, -1])
+    # Tree 0 is full: two more children do not fit, so node 1 gets none and becomes a dead end.
+    tree = tree.replace(terminal_reason=tree.terminal_reason.at[0, 1].set(tr.NONE))
+    tree, ids = tr.insert(tree, jnp.array([1, -1]), jnp.array([2, 2]), none, jnp.zeros((2, 3)), jnp.zeros((2, 3)),
+                          none, max_depth=5)
+    np.testing.assert_array_equal(ids, -np.ones((2, 3)))
+    assert int(tree.terminal_reason[0, 1]) == tr.DEAD_END and list(np.asarray(tree.num_nodes)) == [4, 2]
