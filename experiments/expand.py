@@ -117,17 +117,6 @@ def warm_up(model, tokenizer, examples, steps: int, seed: int, batch: int = 8):
     nnx.update((model, optimizer), state)
 
 
-def load_policy(hf_dir: str):
-    from flax import nnx
-
-    from rstar_jax import tokenizer as tk
-    from rstar_jax.models.hf_io import load_hf
-    tokenizer = tk.load_tokenizer(hf_dir)
-    model = load_hf(hf_dir)
-    tk.sync_model_vocab(model, tokenizer, nnx.Rngs(0))
-    return tokenizer, model
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -151,6 +140,7 @@ def main(argv):
     timings = {}
     start = time.perf_counter()
     if _HF_DIR.value:
+        from rstar_jax.models.pretrained import load_policy
         tokenizer, model = load_policy(_HF_DIR.value)
     else:
         tokenizer, model = miniature_policy(out, _SEED.value, _WARMUP_STEPS.value)

@@ -1,0 +1,100 @@
+"""The search stage alone: problems and a policy (+ PPM) in, tree records and extracted training data out.
+
+  python -m experiments.search --problems=pool.jsonl --policy=/ckpt/policy --out=runs/r1/trees --rollouts=8
+  python -m experiments.search --flagfile=experiments/configs/search_round3.flags --ppm=/ckpt/ppm ...
+
+Writes `OUT/trees.jsonl` (one record per finished search; `trees.process_<i>.jsonl` per host when
+several processes run) and, in the data-generation modes, `OUT/extracted/` (sft, pairs, pqm, orm, ...
+JSONL and stats.json). Re-running the same command skips the searches already written, so an
+interrupted run resumes where it stopped; different search settings on the same OUT are refused.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+from absl import app, flags
+
+from experiments import multihost, search_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    search_flags.define()
+    flags.DEFINE_string("problems", None, "problems: a JSONL/JSON file, or tfds:<benchmark name>")
+    flags.DEFINE_integer("limit", 0, "search only the first N problems (0 = all)")
+    flags.DEFINE_string("policy", None, "policy: HF directory (safetensors + config + tokenizer)")
+    flags.DEFINE_string("ppm", None, "reward model: HF directory with the value head (modes ppm, inference)")
+    flags.DEFINE_string("out", None, "output directory")
+    flags.DEFINE_bool("extract", True, "extract SFT data and preference pairs after the search (terminal, ppm modes)")
+    flags.DEFINE_float("progress_every_s", 30.0, "seconds between progress lines")
+
+
+def load_problem_set(spec: str, limit: int = 0) -> list[dict]:
+    from rstar_jax.data import load_benchmark, load_problems
+    problems = load_benchmark(spec[len("tfds:"):]) if spec.startswith("tfds:") else load_problems(spec)
+    return problems[:limit] if limit else problems
+
+
+def load_scorer(hf_dir: str, max_tokens: int):
+    from rstar_jax.models.pretrained import load_reward_model
+    from rstar_jax.search.scoring import Scorer
+    tokenizer, ppm = load_reward_model(hf_dir)
+    return Scorer(ppm, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                  pad_id=tokenizer.pad_token_id or 0, max_tokens=max_tokens)
+
+
+def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | None, out_dir: str, *,
+               extract_config=None, progress=print, progress_every_s: float = 30.0) -> dict:
+    """Search this host's share of `problems` into `out_dir`, then (process 0) extract the training data."""
+    import jax
+
+    from rstar_jax import parallel
+    from rstar_jax.models.pretrained import load_policy
+    from rstar_jax.search.driver import SearchDriver
+    from rstar_jax.search.extract import extract_files, write_extracted
+    from rstar_jax.verify.grader import Grader
+    from rstar_jax.verify.sandbox import Sandbox
+    os.makedirs(out_dir, exist_ok=True)
+    name = "trees.jsonl" if jax.process_count() == 1 else f"trees.process_{jax.process_index()}.jsonl"
+    tokenizer, model = load_policy(policy_dir)
+    scorer = load_scorer(ppm_dir, config.max_context_tokens) if ppm_dir and config.uses_ppm else None
+    with Sandbox(timeout_s=config.exec_timeout_s) as sandbox, Grader() as grader:
+        driver = SearchDriver(config, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer,
+                              progress=progress, progress_every_s=progress_every_s)
+        stats = driver.run(parallel.host_shard(problems), os.path.join(out_dir, name))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("search finished")
+    if extract_config is not None and config.mode != "inference" and jax.process_index() == 0:
+        extracted = extract_files(sorted(glob.glob(os.path.join(out_dir, "trees*.jsonl"))), extract_config)
+        write_extracted(extracted, os.path.join(out_dir, "extracted"))
+        stats["extracted"] = {k: len(getattr(extracted, k)) for k in ("sft", "pairs", "pqm", "orm")}
+        stats["coverage"] = extracted.stats.get("solved_fraction")
+    return stats
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for name in ("problems", "policy", "out"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
+    config = search_flags.search_config()
+    if config.uses_ppm and not FLAGS.ppm:
+        raise app.UsageError(f"--mode={config.mode} needs --ppm (a reward model directory)")
+    multihost.initialize()
+    start = time.perf_counter()
+    problems = load_problem_set(FLAGS.problems, FLAGS.limit)
+    stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
+                       extract_config=search_flags.extract_config() if FLAGS.extract else None,
+                       progress_every_s=FLAGS.progress_every_s)
+    print(json.dumps({**stats, "total_s": round(time.perf_counter() - start, 1)}, default=str))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,77 @@
+"""The search and extraction settings as absl flags, shared by `experiments.search` and `experiments.round`.
+
+Each flag mirrors one field of `SearchConfig` / `ExtractConfig` (same name, same default), so a flagfile
+line `--rollouts=16` means the same thing in every stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from rstar_jax.search.config import MODES, SearchConfig
+from rstar_jax.search.extract import ExtractConfig
+
+_HELP = {
+    "mode": "terminal (terminal-guided, rounds 1-2) | ppm (PPM-augmented, rounds 3-4) | inference (PPM-guided)",
+    "rollouts": "MCTS rollouts (iterations) per problem",
+    "max_rollouts_unsolved": "rollouts for a problem still without a correct answer (0 = --rollouts)",
+    "num_candidates": "candidate steps sampled per expansion (n)",
+    "max_depth": "depth limit: deeper steps are terminal (-1)",
+    "max_step_tokens": "token limit of one generated step",
+    "max_context_tokens": "a leaf whose prompt reaches this many tokens is not expanded",
+    "temperature": "sampling temperature of the policy",
+    "top_p": "nucleus sampling threshold",
+    "top_k": "top-k sampling (0 = off)",
+    "c": "UCT exploration constant",
+    "unvisited": "UCT score of an unvisited child: zero (reference) | inf (paper)",
+    "propagate_failures": "back up a failed step's -1 along its path (paper) instead of on the node (reference)",
+    "answer_first": "keep only the first answer candidate of an expansion (reference)",
+    "dedupe": "drop duplicate candidate steps",
+    "runs": "independent searches per problem with seeds seed..seed+runs-1 (inference trajectories)",
+    "seed": "sampling seed",
+    "exec_timeout_s": "sandbox wall-clock limit per program, seconds",
+    "batch_size": "trees searched in lock-step (memory/throughput only; results do not depend on it)",
+    "capacity": "nodes per tree (0 = enough for every rollout to reach max_depth)",
+    "sft_per_problem": "extraction: top correct trajectories per problem for policy SFT",
+    "pairs_per_side": "extraction: positives and negatives per step for PPM pairs",
+    "min_margin": "extraction: minimum Q margin of a preference pair",
+    "min_edit_distance": "extraction: minimum character edit distance of a preference pair (0 = off)",
+    "exec_error_is_negative": "extraction: a failed-execution step counts as leading to a wrong answer",
+    "final_step_pairs": "extraction: compare whole trajectories for the final answer step",
+    "rejection_per_problem": "extraction: cap of the rejection-sampled SFT set per problem",
+}
+
+
+def _define(config_cls, skip=()) -> None:
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        default, help_text = field.default, _HELP[field.name]
+        if field.name == "mode":
+            flags.DEFINE_enum("mode", default, MODES, help_text)
+        elif field.name == "unvisited":
+            flags.DEFINE_enum("unvisited", default, ["zero", "inf"], help_text)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(field.name, default, help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(field.name, default, help_text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(field.name, default, help_text)
+        else:
+            raise TypeError(f"no flag type for {config_cls.__name__}.{field.name}")
+
+
+def define() -> None:
+    """Called by the programs' main only, so modules importing each other never define a flag twice."""
+    _define(SearchConfig)
+    _define(ExtractConfig, skip=("seed",))  # extraction shares --seed
+
+
+def search_config(**overrides) -> SearchConfig:
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(SearchConfig)}
+    return SearchConfig(**{**values, **overrides})
+
+
+def extract_config() -> ExtractConfig:
+    return ExtractConfig(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(ExtractConfig)})

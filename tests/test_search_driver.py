@@ -1,0 +1,178 @@
+"""The search stage end to end: a real tiny policy (and PPM), the real sampler, sandbox and grader."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from flax import nnx
+
+from experiments.expand import example_problem, miniature_policy
+from experiments.search import run_search
+from rstar_jax.models.hf_io import save_hf
+from rstar_jax.models.ppm import PPM
+from rstar_jax.search import steps
+from rstar_jax.search.config import SearchConfig
+from rstar_jax.search.driver import ResumeError, read_finished, stream_id
+from rstar_jax.search.extract import ExtractConfig
+from rstar_jax.search.tree_record import TreeRecord
+from rstar_jax.verify.grader import Grader
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(rollouts=3, num_candidates=4, max_depth=5, max_step_tokens=40, batch_size=2, exec_timeout_s=10.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """HF directories of the miniature policy (briefly trained on the step format) and a PPM built on it."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer, model = miniature_policy(str(root), seed=0, warmup_steps=150)
+    save_hf(model, str(root / "policy"), tokenizer=tokenizer)
+    save_hf(PPM(model.config, rngs=nnx.Rngs(1), backbone=model), str(root / "ppm"), tokenizer=tokenizer)
+    rng = random.Random(7)
+    problems = [example_problem(rng, i)[0] for i in range(4)]
+    with open(root / "problems.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in problems)
+    return {"policy": str(root / "policy"), "ppm": str(root / "ppm"), "problems": problems,
+            "problems_file": str(root / "problems.jsonl")}
+
+
+def _records(path):
+    with open(path) as f:
+        return [TreeRecord.from_dict(json.loads(line)) for line in f]
+
+
+@pytest.fixture(scope="module")
+def terminal_run(models, tmp_path_factory):
+    """An uninterrupted terminal-guided run of the search stage, in this process."""
+    out = tmp_path_factory.mktemp("terminal")
+    stats = run_search(SearchConfig(mode="terminal", **SMALL), models["problems"], models["policy"], None, str(out),
+                       extract_config=ExtractConfig(), progress=lambda s: None)
+    return out, stats
+
+
+def test_terminal_guided_search_and_extraction(models, terminal_run):
+    out, stats = terminal_run
+    config = SearchConfig(mode="terminal", **SMALL)
+    assert stats["searched"] == 4 and set(stats["seconds"]) >= {"tree", "generate", "execute", "grade"}
+    records = _records(out / "trees.jsonl")
+    assert sorted(r.problem_id for r in records) == sorted(p["id"] for p in models["problems"])
+    answers = [n for r in records for n in r.nodes if n.terminal_reason == "answer"]
+    assert answers, "the warmed-up policy should reach answer steps"
+    with Grader() as grader:
+        for r in records:
+            root = r.nodes[0]
+            graded = [n for n in r.nodes if n.terminal_reason == "answer"]
+            # Terminal-guided: only graded answers reach the root, each as +1 or -1; failures stay local.
+            assert root.visits == len(graded)
+            assert root.value_sum == sum(1 if n.correct else -1 for n in graded)
+            for n in graded:
+                assert n.correct == grader.grade(n.text, r.answer).equal
+            for n in r.nodes[1:]:
+                if n.terminal_reason in ("exec_error", "no_stop", "max_depth"):
+                    assert (n.visits, n.value_sum) == (1, -1.0)
+                if n.depth == SMALL["max_depth"] and n.terminal_reason is None:
+                    pytest.fail("a node at the depth limit must be terminal")
+            assert r.stats["rollouts"] <= config.rollouts
+    code_closers = [n for r in records for n in r.nodes if "<end_of_code>" in n.text and n.terminal_reason is None]
+    assert all("<output>" in n.text and n.text.endswith("<end_of_output>\n") for n in code_closers)
+    for name in ("sft", "pairs", "pqm", "orm", "buckets"):
+        assert os.path.exists(out / "extracted" / f"{name}.jsonl")
+
+
+def test_ppm_augmented_and_inference_modes(models, tmp_path):
+    ppm = run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][:1], models["policy"], models["ppm"],
+                     str(tmp_path / "ppm"), progress=lambda s: None)
+    assert ppm["seconds"]["score"] > 0
+    for r in _records(tmp_path / "ppm" / "trees.jsonl"):
+        for n in r.nodes[1:]:
+            assert n.init_value is not None and -1 <= n.init_value <= 1
+            if n.terminal_reason is None:  # one local update with the PPM score (more if it was expanded)
+                assert n.visits >= 1
+    run_search(SearchConfig(mode="inference", runs=2, **SMALL), models["problems"][:1], models["policy"],
+               models["ppm"], str(tmp_path / "inf"), progress=lambda s: None)
+    records = _records(tmp_path / "inf" / "trees.jsonl")
+    assert sorted((r.problem_id, r.seed) for r in records) == sorted(
+        (p["id"], s) for p in models["problems"][:1] for s in (0, 1))
+    for r in records:
+        for n in r.nodes:
+            if n.terminal_reason == "answer":  # the PPM's score of the answer is what was backed up
+                assert n.visits == 1 and n.value_sum == pytest.approx(n.init_value, abs=1e-6)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(models, terminal_run, tmp_path):
+    flags = [f"--{k}={v}" for k, v in SMALL.items()] + [
+        f"--policy={models['policy']}", f"--problems={models['problems_file']}", "--progress_every_s=1000"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "experiments.search", *flags]
+
+    def run(out, kill_after_records=None):
+        proc = subprocess.Popen(cmd + [f"--out={out}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        if kill_after_records is not None:
+            trees = os.path.join(out, "trees.jsonl")
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if os.path.exists(trees) and sum(1 for _ in open(trees)) >= kill_after_records:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+        output = proc.communicate(timeout=600)[0]
+        return proc.returncode, output
+
+    killed_dir = str(tmp_path / "killed")
+    code, output = run(killed_dir, kill_after_records=1)
+    assert code == -signal.SIGKILL, f"the run ended before it could be killed:\n{output}"
+    with open(os.path.join(killed_dir, "trees.jsonl"), "a") as f:
+        f.write('{"problem_id": "mini/0", "prompt": "cut sho')  # a record cut short by the kill
+    code, output = run(killed_dir)
+    assert code == 0, output
+    assert "resuming:" in output
+
+    def load(d):
+        with open(os.path.join(d, "trees.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        return {(r["problem_id"], r["seed"]): r for r in lines}, len(lines)
+
+    resumed, n_resumed = load(killed_dir)
+    whole, _ = load(str(terminal_run[0]))  # the same command, uninterrupted (in process)
+    assert n_resumed == len(resumed) == 4, "a search was lost or written twice"
+    assert resumed == whole
+    with open(os.path.join(killed_dir, "extracted", "sft.jsonl")) as a, \
+            open(os.path.join(str(terminal_run[0]), "extracted", "sft.jsonl")) as b:
+        assert sorted(a) == sorted(b)
+
+
+def test_read_finished_cuts_a_torn_line_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "trees.jsonl"
+    good = json.dumps({"problem_id": "a", "seed": 3, "config_digest": "d1"}) + "\n"
+    path.write_text(good + '{"problem_id": "b", "se')
+    assert read_finished(str(path), "d1") == {("a", 3)}
+    assert path.read_text() == good
+    with pytest.raises(ResumeError, match=r"trees.jsonl:1: written with search settings d1"):
+        read_finished(str(path), "d2")
+    path.write_text(good + "not json\n" + good)
+    with pytest.raises(ResumeError, match=r"trees.jsonl:2: not a JSON tree record"):
+        read_finished(str(path), "d1")
+
+
+def test_candidate_rules():
+    samples = [("x = 1\n<end_of_step>", "stop"), (" x = 1\n<end_of_step>", "stop"), ("y = 2", "length"),
+               ("# z\n<end_of_code>", "stop")]
+    kinds = [(c.text, c.kind) for c in steps.candidate_steps(samples, dedupe=True, answer_first=True)]
+    assert kinds == [("x = 1\n<end_of_step>", steps.CODE), ("y = 2", steps.NO_STOP),
+                     ("# z\n<end_of_code>", steps.CODE)]
+    assert len(steps.candidate_steps(samples, dedupe=False, answer_first=True)) == 4
+    answers = samples + [("<answer>\\boxed{3}<end_of_answer>", "stop"), ("<answer>\\boxed{4}<end_of_answer>", "stop")]
+    only = steps.candidate_steps(answers, dedupe=True, answer_first=True)
+    assert [(c.text, c.kind) for c in only] == [("<answer>\\boxed{3}<end_of_answer>", steps.ANSWER_STEP)]
+    assert len(steps.candidate_steps(answers, dedupe=True, answer_first=False)) == 5
+
+
+def test_stream_ids_depend_on_the_tree_and_node_only():
+    assert stream_id("p", 0, 5) == stream_id("p", 0, 5)
+    assert len({stream_id("p", 0, 5), stream_id("p", 1, 5), stream_id("q", 0, 5), stream_id("p", 0, 6)}) == 4
+    assert 0 <= stream_id("p" * 100, 2**31, 10**6) < 2**32 - 1
