@@ -2,9 +2,9 @@
 
 - `greedy`: System 1. Temperature 0; the whole code block in one generation (stops at `<end_of_code>`, not at
   `<end_of_step>`), executed, its `<output>` appended, then the answer step generated and graded.
-- `sample_solutions`: N independent full solutions the same way at temperature T: the pool for
-- `best_of_n`: the pool's solution with the highest reward-model score (ORM or PPM on prompt + response), and
-- `majority_vote`: the pool's most common final answer.
+- `sample_solutions`: N independent full solutions the same way at temperature T, the pool for:
+  - `best_of_n`: the pool's solution with the highest reward-model score (ORM or PPM on prompt + response);
+  - `majority_vote`: the pool's most common final answer (`rstar_jax.eval.selection` has the other rules).
 - `step_beam_search`: step-level beam search: every beam entry samples `samples_per_beam` next steps, code
   is executed per step (failed steps dropped), the reward model scores prompt + partial solution, and the
   `beam_width` best candidates over all entries are kept; an answer step among them finishes a trajectory
@@ -299,7 +299,8 @@ def step_beam_search(sampler: Sampler, tokenizer, problems: Sequence[Mapping], *
     `score(texts) -> [float]`). sampler: `Sampler.for_steps`.
 
     Returns per problem its finished trajectories (at most beam_width), highest score first: the first one
-    is the beam search's answer. A problem whose beams all died has none.
+    is the beam search's answer (`best_of_n(results)` picks the same). A problem whose beams all died (failed
+    programs, no stop tag, max_depth reached, prompt + partial solution at max_context_tokens) has none.
     """
     if scorer is None:
         raise ValueError("step_beam_search needs a reward model (scorer) to rank partial solutions")

@@ -143,11 +143,11 @@ class SearchDriver:
         total, skipped = len(problems) * cfg.runs, len(problems) * cfg.runs - len(todo)
         if skipped:
             self.progress(f"resuming: {skipped}/{total} searches already in {out_path}")
-        b = min(cfg.batch_size, max(len(todo), 1))
-        tree = tr.empty(b, cfg.tree_capacity)
+        b = cfg.batch_size
+        tree = self._compile(tr.empty(b, cfg.tree_capacity))
         slots: list[_Slot | None] = [None] * b
         cursor, rollouts, limit = np.full(b, -1, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
-        start, last_report, done, expansions = time.perf_counter(), time.perf_counter(), 0, 0
+        start, last_report, done, expansions, finished_rollouts = time.perf_counter(), time.perf_counter(), 0, 0, 0
         with open(out_path, "a") as out:
             while True:
                 fresh = np.zeros(b, bool)
@@ -163,7 +163,7 @@ class SearchDriver:
                     tree = self._reset(tree, jnp.asarray(fresh))
                 for i, slot in enumerate(slots):
                     limit[i] = cfg.rollouts if slot is None or slot.solved or cfg.mode == "inference" \
-                        else max(cfg.rollouts, cfg.max_rollouts_unsolved)
+                        else cfg.rollout_cap
                 tree, leaf, rollouts_done = self._select(tree, jnp.asarray(cursor), jnp.asarray(rollouts),
                                                          jnp.asarray(limit))
                 leaf, rollouts = np.asarray(leaf), np.array(rollouts_done)
@@ -172,22 +172,37 @@ class SearchDriver:
                 for i, slot in enumerate(slots):
                     if slot is not None and leaf[i] < 0:
                         self._write(out, tree, i, slot, int(rollouts[i]))
-                        slots[i], done = None, done + 1
+                        slots[i], done, finished_rollouts = None, done + 1, finished_rollouts + int(rollouts[i])
                 if (leaf >= 0).any():
                     tree = self._expand_leaves(tree, leaf, slots)
                     expansions += int((leaf >= 0).sum())
                 now = time.perf_counter()
                 if now - last_report >= self.progress_every_s:
                     last_report = now
-                    self.progress(self._status(done + skipped, total, int(rollouts.sum()), now - start))
-        self.progress(self._status(done + skipped, total, int(rollouts.sum()), time.perf_counter() - start))
-        return {"searched": done, "skipped": skipped, "expansions": expansions,
+                    live = sum(int(rollouts[i]) for i, s in enumerate(slots) if s is not None)
+                    self.progress(self._status(done + skipped, total, finished_rollouts + live, now - start))
+        self.progress(self._status(done + skipped, total, finished_rollouts, time.perf_counter() - start))
+        return {"searched": done, "skipped": skipped, "expansions": expansions, "rollouts": finished_rollouts,
                 "seconds": dict(self.times), "wall_s": time.perf_counter() - start}
 
+    def _compile(self, tree: tr.Tree) -> tr.Tree:
+        """Compile the tree kernels up front with no-op calls, so the time split shows steady-state costs."""
+        t = time.perf_counter()
+        b, n = tree.batch_size, self.config.num_candidates
+        none = jnp.full((b,), -1, jnp.int32)
+        tree = self._reset(tree, jnp.zeros((b,), bool))
+        tree, _, _ = self._select(tree, none, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
+        tree, _ = self._expand(tree, none, jnp.zeros((b,), jnp.int32), jnp.zeros((b, n), jnp.int32),
+                               jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32))
+        jax.block_until_ready(tree)
+        self.times["compile"] += time.perf_counter() - t
+        return tree
+
     def _status(self, done: int, total: int, rollouts: int, elapsed: float) -> str:
-        busy = sum(self.times.values()) or 1.0
-        split = ", ".join(f"{k} {100 * self.times[k] / busy:.0f}%" for k in PHASES)
-        return f"search: {done}/{total} problems, {elapsed:.0f}s; time split: {split}"
+        busy = sum(self.times[k] for k in PHASES) or 1.0
+        split = ", ".join(f"{k} {100 * self.times[k] / busy:.1f}%" for k in PHASES)
+        return (f"search: {done}/{total} problems, {rollouts / max(elapsed, 1e-9):.2f} rollouts/s, {elapsed:.0f}s; "
+                f"time split: {split} (+ tree compile {self.times['compile']:.1f}s)")
 
     # ---- one expansion of every live tree ------------------------------------------------------
 
@@ -200,8 +215,10 @@ class SearchDriver:
         expandable = [i for i in live if len(ids[i]) < cfg.max_context_tokens]
 
         t = time.perf_counter()
-        sampling = dataclasses.replace(self.sampling, max_new_tokens=min(
-            cfg.max_step_tokens, max((cfg.max_context_tokens - len(ids[i]) for i in expandable), default=1)))
+        room = max((cfg.max_context_tokens - len(ids[i]) for i in expandable), default=1)
+        # Near the context limit the step budget shrinks, in powers of two to bound recompilation.
+        budget = cfg.max_step_tokens if room >= cfg.max_step_tokens else 1 << (room.bit_length() - 1)
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
         samples = self.sampler.generate([ids[i] for i in expandable], n=n, config=sampling, seed=0,
                                         prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i]))
                                                     for i in expandable]) if expandable else []

@@ -1,8 +1,28 @@
-"""Training losses: the policy's response-only next-token loss and the PPM's pairwise loss."""
+"""Training losses: the policy's response-only next-token loss and the reward models' losses.
+
+Each `*_sums` function returns an unnormalised sum plus what it is normalised by, so the trainer can
+add microbatches (gradient accumulation) and divide once by the whole batch's normaliser: the result is
+exactly the full batch's loss, whatever the split.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def masked_lm_sums(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token NLL over the targets `loss_mask` marks, number of targets).
+
+    logits: [B, T, V] for inputs tokens[:, :T]; tokens: [B, T]; loss_mask: [B, T] (1 where tokens[:, t]
+    is a target, i.e. a response token).
+    """
+    targets = tokens[:, 1:]  # [B, T-1]: position t predicts token t+1
+    weights = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    # logsumexp minus the target logit: no [B, T, V] log-softmax tensor is kept for the backward pass.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T-1]
+    return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def masked_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -11,12 +31,13 @@ def masked_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -
     logits: [B, T, V] fp32 for inputs tokens[:, :T]; tokens: [B, T]; loss_mask: [B, T] (1 where
     tokens[:, t] is a target). Returns (mean loss, number of target tokens).
     """
-    targets = tokens[:, 1:]  # [B, T-1]: position t predicts token t+1
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
-    count = jnp.sum(weights)
-    return jnp.sum(nll * weights) / jnp.maximum(count, 1.0), count
+    total, count = masked_lm_sums(logits, tokens, loss_mask)
+    return total / jnp.maximum(count, 1.0), count
+
+
+def pair_weights(pos_count: jax.Array, neg_count: jax.Array) -> jax.Array:
+    """rStar Eq. 4's per-pair weight 1 / (pos_count * neg_count): every step counts once. [P] -> [P]."""
+    return 1.0 / (pos_count * neg_count).astype(jnp.float32)
 
 
 def pairwise_preference_loss(r_pos: jax.Array, r_neg: jax.Array, pos_count: jax.Array,
@@ -26,5 +47,29 @@ def pairwise_preference_loss(r_pos: jax.Array, r_neg: jax.Array, pos_count: jax.
     Each pair is weighted 1 / (pos_count * neg_count): a step with 2 x 2 pairs counts as much as one
     with a single pair. All arguments: [P].
     """
-    weight = 1.0 / (pos_count * neg_count).astype(jnp.float32)
-    return -jnp.sum(weight * jax.nn.log_sigmoid(r_pos - r_neg))
+    return -jnp.sum(pair_weights(pos_count, neg_count) * jax.nn.log_sigmoid(r_pos - r_neg))
+
+
+def pairwise_preference_sums(r_pos: jax.Array, r_neg: jax.Array, pos_count: jax.Array, neg_count: jax.Array,
+                             valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(weighted Bradley-Terry sum, sum of weights) over the valid pairs.
+
+    Their ratio is the weighted mean: the mean over steps of each step's mean pair loss, independent
+    of the batch size (the reference's plain sum grows with it). All arguments: [P]; valid: bool.
+    """
+    w = jnp.where(valid, pair_weights(pos_count, neg_count), 0.0)  # [P]
+    return -jnp.sum(w * jax.nn.log_sigmoid(r_pos - r_neg)), jnp.sum(w)
+
+
+def squared_error_sums(pred: jax.Array, target: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of squared errors, number of valid rows): the PQM's regression on Q values. [B] each."""
+    err = jnp.where(valid, pred - target.astype(jnp.float32), 0.0)
+    return jnp.sum(err * err), jnp.sum(valid.astype(jnp.float32))
+
+
+def binary_cross_entropy_sums(logit: jax.Array, label: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of BCE of sigmoid(logit) against label in {0, 1}, number of valid rows): the ORM. [B] each."""
+    label = label.astype(jnp.float32)
+    # -[y log s(x) + (1-y) log s(-x)], in the numerically stable log-sigmoid form.
+    bce = -(label * jax.nn.log_sigmoid(logit) + (1.0 - label) * jax.nn.log_sigmoid(-logit))
+    return jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(valid.astype(jnp.float32))
