@@ -38,5 +38,7 @@ setup(
         "test": ["pytest==9.0.3", "torch==2.13.0"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
+        # experiments.bench.tree compares with mctx's muzero_policy for scale.
+        "bench": ["mctx==0.0.6", "chex==0.1.92", "toolz==1.2.0"],
     },
 )

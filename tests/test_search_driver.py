@@ -8,12 +8,8 @@ import sys
 import time
 
 import pytest
-from flax import nnx
-
-from experiments.expand import example_problem, miniature_policy
+from experiments.expand import example_problem
 from experiments.search import run_search
-from rstar_jax.models.hf_io import save_hf
-from rstar_jax.models.ppm import PPM
 from rstar_jax.search import steps
 from rstar_jax.search.config import SearchConfig
 from rstar_jax.search.driver import ResumeError, read_finished, stream_id
@@ -26,18 +22,12 @@ SMALL = dict(rollouts=3, num_candidates=4, max_depth=5, max_step_tokens=40, batc
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """HF directories of the miniature policy (briefly trained on the step format) and a PPM built on it."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer, model = miniature_policy(str(root), seed=0, warmup_steps=150)
-    save_hf(model, str(root / "policy"), tokenizer=tokenizer)
-    save_hf(PPM(model.config, rngs=nnx.Rngs(1), backbone=model), str(root / "ppm"), tokenizer=tokenizer)
+def models(miniature, tmp_path_factory):
     rng = random.Random(7)
     problems = [example_problem(rng, i)[0] for i in range(4)]
-    with open(root / "problems.jsonl", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in problems)
-    return {"policy": str(root / "policy"), "ppm": str(root / "ppm"), "problems": problems,
-            "problems_file": str(root / "problems.jsonl")}
+    path = tmp_path_factory.mktemp("problems") / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return {"policy": miniature["policy"], "ppm": miniature["ppm"], "problems": problems, "problems_file": str(path)}
 
 
 def _records(path):

@@ -37,20 +37,23 @@ def uct(c: float = 2.0, unvisited: str = "zero") -> ScoreFn:
     return score
 
 
-def _best_child(tree: Tree, node: jax.Array, extra_dead: jax.Array, score_fn: ScoreFn, max_children: int):
-    """The highest-scoring non-terminal child of `node` (first on ties), or -1. One tree (unbatched)."""
-    idx = tree.first_child[node] + jnp.arange(max_children)  # [K]
-    exists = jnp.arange(max_children) < tree.num_children[node]
-    idx = jnp.where(exists, idx, 0)
-    live = exists & (tree.terminal_reason[idx] == NONE) & (idx != extra_dead)
-    q = jnp.where(tree.visits[idx] > 0, tree.value_sum[idx] / jnp.maximum(tree.visits[idx], 1), 0.0)
-    scores = jnp.where(live, score_fn(q, tree.visits[idx], tree.visits[node], tree.init_value[idx]), -jnp.inf)
+def _best_child(tree: Tree, row: jax.Array, node: jax.Array, extra_dead: jax.Array, score_fn: ScoreFn, k: int):
+    """The highest-scoring non-terminal child of `node` in tree `row` (first on ties), or -1."""
+    first = tree.first_child[row, node]
+    start = jnp.clip(first, 0, tree.capacity - k)  # siblings are contiguous: read them as one window
+    idx = start + jnp.arange(k)  # [K]
+    exists = (idx >= first) & (idx < first + tree.num_children[row, node])
+    window = lambda field: jax.lax.dynamic_slice(field, (row, start), (1, k))[0]
+    visits = window(tree.visits)
+    live = exists & (window(tree.terminal_reason) == NONE) & (idx != extra_dead)
+    q = jnp.where(visits > 0, window(tree.value_sum) / jnp.maximum(visits, 1), 0.0)
+    scores = jnp.where(live, score_fn(q, visits, tree.visits[row, node], window(tree.init_value)), -jnp.inf)
     best = jnp.argmax(scores)  # first maximum
     return jnp.where(jnp.any(live), idx[best], -1)
 
 
-def _descend(tree: Tree, start: jax.Array, extra_dead: jax.Array, score_fn: ScoreFn, max_children: int):
-    """Follow the best children from `start` to a childless node. One tree.
+def _descend(tree: Tree, row: jax.Array, start: jax.Array, extra_dead: jax.Array, score_fn: ScoreFn, k: int):
+    """Follow the best children from `start` to a childless node in tree `row`.
 
     Returns (leaf, dead): the leaf to expand (-1 if the descent got stuck or `start` is terminal) and the
     node found with only terminal children (-1 if none), which the caller marks DEAD_END.
@@ -61,13 +64,13 @@ def _descend(tree: Tree, start: jax.Array, extra_dead: jax.Array, score_fn: Scor
 
     def body(carry):
         node, _, _ = carry
-        has_children = tree.num_children[node] > 0
-        child = _best_child(tree, node, extra_dead, score_fn, max_children)
+        has_children = tree.num_children[row, node] > 0
+        child = _best_child(tree, row, node, extra_dead, score_fn, k)
         leaf = jnp.where(has_children, -1, node)
         dead = jnp.where(has_children & (child < 0), node, -1)
         return jnp.where(has_children & (child >= 0), child, -1), leaf, dead
 
-    start_ok = (start >= 0) & (tree.terminal_reason[jnp.maximum(start, 0)] == NONE) & (start != extra_dead)
+    start_ok = (start >= 0) & (tree.terminal_reason[row, jnp.maximum(start, 0)] == NONE) & (start != extra_dead)
     init = (jnp.where(start_ok, start, -1), jnp.int32(-1), jnp.int32(-1))
     _, leaf, dead = jax.lax.while_loop(cond, body, init)
     return leaf, dead
@@ -82,18 +85,17 @@ def select(tree: Tree, cursor: jax.Array, rollouts_done: jax.Array, rollout_limi
     Returns (tree with new DEAD_END marks, leaf [B] (-1: the tree is finished), rollouts_done [B]).
     The leaf is the new cursor.
     """
-    def one(tree, cursor, done, limit):
-        leaf, dead = _descend(tree, cursor, jnp.int32(-1), score_fn, max_children)
-        ended = (leaf < 0) & (cursor >= 0)
-        done = done + ended.astype(jnp.int32)
-        restart = ended & (done < limit)
-        root_leaf, root_dead = _descend(tree, jnp.where(restart, 0, -1), dead, score_fn, max_children)
-        leaf = jnp.where(restart, root_leaf, leaf)
-        return leaf, dead, jnp.where(restart, root_dead, -1), done
-
-    leaf, dead1, dead2, done = jax.vmap(one)(tree, cursor, rollouts_done, rollout_limit)
     rows = jnp.arange(tree.batch_size)
-    reason = tree.terminal_reason
-    for dead in (dead1, dead2):  # -1 maps out of bounds and is dropped
-        reason = reason.at[rows, jnp.where(dead >= 0, dead, tree.capacity)].set(DEAD_END, mode="drop")
+    # vmap over row indices with the tree closed over: each descent reads its own row in place.
+    descend = jax.vmap(lambda row, start, extra: _descend(tree, row, start, extra, score_fn, max_children))
+    leaf, dead = descend(rows, cursor, jnp.full_like(cursor, -1))
+    ended = (leaf < 0) & (cursor >= 0)
+    done = rollouts_done + ended.astype(jnp.int32)
+    restart = ended & (done < rollout_limit)
+    root_leaf, root_dead = descend(rows, jnp.where(restart, 0, -1), dead)
+    leaf = jnp.where(restart, root_leaf, leaf)
+    # Both descents' dead ends in one scatter, after every read (-1 maps out of bounds and is dropped).
+    dead = jnp.stack([dead, jnp.where(restart, root_dead, -1)], axis=1)  # [B, 2]
+    reason = tree.terminal_reason.at[rows[:, None], jnp.where(dead >= 0, dead, tree.capacity)].set(
+        DEAD_END, mode="drop")
     return tree.replace(terminal_reason=reason), leaf, done

@@ -92,11 +92,14 @@ def insert(tree: Tree, leaf: jax.Array, num_new: jax.Array, terminal_reason: jax
 
     failed = expanding & (num_new == 0)  # a leaf left childless would be selected again forever
     leaf_reason = tree.terminal_reason[rows, leaf_]
+    leaf_target = jnp.where(expanding, leaf_, tree.capacity)[:, None]
     tree = tree.replace(
         parent=put(tree.parent, jnp.broadcast_to(leaf[:, None], (b, k))),
         depth=put(tree.depth, jnp.broadcast_to(child_depth, (b, k))),
-        terminal_reason=put(tree.terminal_reason, reason).at[rows, leaf_].set(
-            jnp.where(failed, DEAD_END, leaf_reason)),
+        # The children's reasons and the leaf's in one scatter, so it runs in place: a read of the old array
+        # ordered after a first write would force a copy of the whole [B, N] array.
+        terminal_reason=tree.terminal_reason.at[rows[:, None], jnp.concatenate([target, leaf_target], 1)].set(
+            jnp.concatenate([reason, jnp.where(failed, DEAD_END, leaf_reason)[:, None]], 1), mode="drop"),
         reward=put(tree.reward, reward),
         init_value=put(tree.init_value, init_value),
         text_index=put(tree.text_index, text_index),
