@@ -14,9 +14,10 @@ B, K, MAX_DEPTH, CAPACITY = 6, 4, 5, 160
 REASONS = [tr.NONE] * 10 + [tr.ANSWER] * 3 + [tr.EXEC_ERROR, tr.NO_STOP]
 
 
-@functools.partial(jax.jit, static_argnames=("c", "unvisited"))
-def _select(tree, cursor, done, limit, *, c, unvisited):
-    return select.select(tree, cursor, done, limit, score_fn=select.uct(c, unvisited), max_children=K)
+@functools.partial(jax.jit, static_argnames=("c", "unvisited", "restart_chunk"))
+def _select(tree, cursor, done, limit, *, c, unvisited, restart_chunk):
+    return select.select(tree, cursor, done, limit, score_fn=select.uct(c, unvisited), max_children=K,
+                         restart_chunk=restart_chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("ppm_leaf_values", "propagate_failures"))
@@ -56,10 +57,10 @@ def _assert_same(tree: tr.Tree, refs: list[ReferenceTree]) -> None:
         np.testing.assert_array_equal(arrays.init_value[b, :n], [x.init_value for x in nodes])
 
 
-@pytest.mark.parametrize("ppm_leaf_values,propagate_failures,unvisited,seed", [
-    (False, False, "zero", 0), (True, False, "zero", 1), (False, True, "inf", 2), (True, True, "inf", 3),
-    (True, False, "zero", 4)])
-def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited, seed):
+@pytest.mark.parametrize("ppm_leaf_values,propagate_failures,unvisited,seed,restart_chunk", [
+    (False, False, "zero", 0, 128), (True, False, "zero", 1, 2), (False, True, "inf", 2, 128),
+    (True, True, "inf", 3, 4), (True, False, "zero", 4, 1)])
+def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited, seed, restart_chunk):
     rng = np.random.default_rng(seed)
     limits = rng.integers(2, 9, size=B)
     refs = [ReferenceTree(max_depth=MAX_DEPTH, capacity=CAPACITY, unvisited=unvisited,
@@ -69,7 +70,8 @@ def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited,
     cursor, done = jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)
     finished_at = [None] * B
     for step in range(200):
-        tree, leaf, done = _select(tree, cursor, done, jnp.asarray(limits, jnp.int32), c=2.0, unvisited=unvisited)
+        tree, leaf, done = _select(tree, cursor, done, jnp.asarray(limits, jnp.int32), c=2.0, unvisited=unvisited,
+                                   restart_chunk=restart_chunk)
         ref_leaves = [ref.select(int(limits[b])) for b, ref in enumerate(refs)]
         np.testing.assert_array_equal(np.asarray(leaf), [x.id if x else -1 for x in ref_leaves], err_msg=f"step {step}")
         np.testing.assert_array_equal(np.asarray(done), [r.rollouts_done for r in refs])

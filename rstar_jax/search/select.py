@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from rstar_jax.search.tree import DEAD_END, NONE, Tree
 
+RESTART_CHUNK = 128  # trees per batch of root descents
+
 # A scoring rule maps (q [K], visits [K], parent visits [], init_value [K]) to scores [K]; highest wins.
 ScoreFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -77,7 +79,8 @@ def _descend(tree: Tree, row: jax.Array, start: jax.Array, extra_dead: jax.Array
 
 
 def select(tree: Tree, cursor: jax.Array, rollouts_done: jax.Array, rollout_limit: jax.Array, *,
-           score_fn: ScoreFn, max_children: int) -> tuple[Tree, jax.Array, jax.Array]:
+           score_fn: ScoreFn, max_children: int,
+           restart_chunk: int = RESTART_CHUNK) -> tuple[Tree, jax.Array, jax.Array]:
     """The next leaf to expand in every tree.
 
     cursor: [B] the node the current rollout stands on (0 at the start, -1 for a finished tree);
@@ -85,17 +88,45 @@ def select(tree: Tree, cursor: jax.Array, rollouts_done: jax.Array, rollout_limi
     Returns (tree with new DEAD_END marks, leaf [B] (-1: the tree is finished), rollouts_done [B]).
     The leaf is the new cursor.
     """
-    rows = jnp.arange(tree.batch_size)
+    b = tree.batch_size
+    rows = jnp.arange(b)
     # vmap over row indices with the tree closed over: each descent reads its own row in place.
     descend = jax.vmap(lambda row, start, extra: _descend(tree, row, start, extra, score_fn, max_children))
     leaf, dead = descend(rows, cursor, jnp.full_like(cursor, -1))
     ended = (leaf < 0) & (cursor >= 0)
     done = rollouts_done + ended.astype(jnp.int32)
     restart = ended & (done < rollout_limit)
-    root_leaf, root_dead = descend(rows, jnp.where(restart, 0, -1), dead)
+    root_leaf, root_dead = _restart_descents(descend, restart, dead, restart_chunk)
     leaf = jnp.where(restart, root_leaf, leaf)
     # Both descents' dead ends in one scatter, after every read (-1 maps out of bounds and is dropped).
-    dead = jnp.stack([dead, jnp.where(restart, root_dead, -1)], axis=1)  # [B, 2]
+    dead = jnp.stack([dead, root_dead], axis=1)  # [B, 2]
     reason = tree.terminal_reason.at[rows[:, None], jnp.where(dead >= 0, dead, tree.capacity)].set(
         DEAD_END, mode="drop")
     return tree.replace(terminal_reason=reason), leaf, done
+
+
+def _restart_descents(descend, restart: jax.Array, extra_dead: jax.Array, chunk: int):
+    """Descents from the root for the trees in `restart` [B], run over those trees only.
+
+    A vmapped while_loop costs every lane the longest descent, and only a few trees start a rollout on a
+    given step, so the restarting rows are packed into chunks. Returns (leaf, dead) [B], -1 elsewhere.
+    """
+    b = restart.shape[0]
+    chunk = min(chunk, b)
+    slots = -(-b // chunk) * chunk
+    rank = jnp.cumsum(restart) - 1
+    packed = jnp.full((slots,), b, jnp.int32).at[jnp.where(restart, rank, slots)].set(
+        jnp.arange(b, dtype=jnp.int32), mode="drop")  # [slots] restarting rows first, then b (= none)
+
+    def body(carry):
+        c, leaf, dead = carry
+        row = jax.lax.dynamic_slice(packed, (c * chunk,), (chunk,))  # [chunk]
+        valid = row < b
+        safe = jnp.where(valid, row, 0)
+        l, d = descend(safe, jnp.where(valid, 0, -1), extra_dead[safe])
+        return c + 1, leaf.at[row].set(l, mode="drop"), dead.at[row].set(d, mode="drop")
+
+    num_chunks = (jnp.sum(restart) + chunk - 1) // chunk
+    none = jnp.full((b,), -1, jnp.int32)
+    _, leaf, dead = jax.lax.while_loop(lambda carry: carry[0] < num_chunks, body, (jnp.int32(0), none, none))
+    return leaf, dead

@@ -78,34 +78,31 @@ def insert(tree: Tree, leaf: jax.Array, num_new: jax.Array, terminal_reason: jax
     fits = tree.num_nodes + num_new <= tree.capacity
     num_new = jnp.where(expanding & fits, num_new, 0)  # [B]
     slot = jnp.arange(k)[None, :]  # [1, K]
-    written = slot < num_new[:, None]  # [B, K]
-    ids = jnp.where(written, tree.num_nodes[:, None] + slot, -1)  # [B, K]
-    # Unwritten children go to an out-of-bounds index, which scatter drops.
-    target = jnp.where(written, ids, tree.capacity)
+    ids = jnp.where(slot < num_new[:, None], tree.num_nodes[:, None] + slot, -1)  # [B, K]
     child_depth = tree.depth[rows, leaf_][:, None] + 1  # [B, 1]
     too_deep = (terminal_reason == NONE) & (child_depth >= max_depth)
     reason = jnp.where(too_deep, MAX_DEPTH, terminal_reason)
     reward = jnp.where(too_deep, -1.0, reward)
 
-    def put(field, values):
-        return field.at[rows[:, None], target].set(values, mode="drop")
+    target = jnp.where(ids >= 0, ids, tree.capacity)  # unwritten children: out of bounds, dropped
 
-    failed = expanding & (num_new == 0)  # a leaf left childless would be selected again forever
-    leaf_reason = tree.terminal_reason[rows, leaf_]
-    leaf_target = jnp.where(expanding, leaf_, tree.capacity)[:, None]
+    def put(field, values):
+        return field.at[rows[:, None], target].set(jnp.broadcast_to(values, (b, k)), mode="drop")
+
+    # Leaf updates are plain writes to out-of-bounds-or-leaf indices (no read of the old array after a
+    # write, which would force XLA to copy the whole [B, N] array).
+    grown = jnp.where(num_new > 0, leaf_, tree.capacity)
+    failed = jnp.where(expanding & (num_new == 0), leaf_, tree.capacity)  # left childless: never expand again
     tree = tree.replace(
-        parent=put(tree.parent, jnp.broadcast_to(leaf[:, None], (b, k))),
-        depth=put(tree.depth, jnp.broadcast_to(child_depth, (b, k))),
-        # The children's reasons and the leaf's in one scatter, so it runs in place: a read of the old array
-        # ordered after a first write would force a copy of the whole [B, N] array.
-        terminal_reason=tree.terminal_reason.at[rows[:, None], jnp.concatenate([target, leaf_target], 1)].set(
-            jnp.concatenate([reason, jnp.where(failed, DEAD_END, leaf_reason)[:, None]], 1), mode="drop"),
+        parent=put(tree.parent, leaf[:, None]),
+        depth=put(tree.depth, child_depth),
+        terminal_reason=put(tree.terminal_reason, reason).at[rows, failed].set(DEAD_END, mode="drop"),
         reward=put(tree.reward, reward),
         init_value=put(tree.init_value, init_value),
         text_index=put(tree.text_index, text_index),
-        first_child=tree.first_child.at[rows, leaf_].set(
-            jnp.where(num_new > 0, tree.num_nodes, tree.first_child[rows, leaf_])),
-        num_children=tree.num_children.at[rows, leaf_].add(num_new),
+        first_child=tree.first_child.at[rows, grown].set(tree.num_nodes, mode="drop"),
+        num_children=tree.num_children.at[rows, grown].set(num_new, mode="drop"),
         num_nodes=tree.num_nodes + num_new,
     )
     return tree, ids
+
