@@ -51,8 +51,8 @@ class _Slot:
     problem: dict
     seed: int
     prompt: str
-    texts: list[str]  # [node] step text ("" for the root)
-    parents: list[int]  # [node]
+    texts: list[str]  # [text_index] step texts, appended in node order ("" for the root)
+    parents: list[int]  # [node] a host copy of the tree's parents, for building prompts without a device read
     answers: dict[int, tuple[str | None, bool]] = dataclasses.field(default_factory=dict)  # node -> (answer, ok)
 
     @property
@@ -60,11 +60,7 @@ class _Slot:
         return any(ok for _, ok in self.answers.values())
 
     def path_text(self, node: int) -> str:
-        parts = []
-        while node > 0:
-            parts.append(self.texts[node])
-            node = self.parents[node]
-        return "".join(reversed(parts))
+        return "".join(self.path_steps(node))
 
     def path_steps(self, node: int) -> list[str]:
         out = []
@@ -144,7 +140,7 @@ class SearchDriver:
         if skipped:
             self.progress(f"resuming: {skipped}/{total} searches already in {out_path}")
         b = cfg.batch_size
-        tree = self._compile(tr.empty(b, cfg.tree_capacity))
+        tree = self._compile(tr.empty(b, cfg.tree_capacity, jnp.zeros((b,), jnp.int32)))
         slots: list[_Slot | None] = [None] * b
         cursor, rollouts, limit = np.full(b, -1, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
         start, last_report, done, expansions, finished_rollouts = time.perf_counter(), time.perf_counter(), 0, 0, 0
@@ -193,7 +189,8 @@ class SearchDriver:
         tree = self._reset(tree, jnp.zeros((b,), bool))
         tree, _, _ = self._select(tree, none, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
         tree, _ = self._expand(tree, none, jnp.zeros((b,), jnp.int32), jnp.zeros((b, n), jnp.int32),
-                               jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32))
+                               jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32),
+                               jnp.zeros((b, n), jnp.int32))
         jax.block_until_ready(tree)
         self.times["compile"] += time.perf_counter() - t
         return tree
@@ -255,10 +252,12 @@ class SearchDriver:
         reason = np.zeros((b, n), np.int32)
         reward = np.zeros((b, n), np.float32)
         init_value = np.full((b, n), np.nan, np.float32)
+        text_index = np.full((b, n), -1, np.int32)  # into the slot's host-side list of step texts
         for i in cands:
             num_new[i] = len(cands[i])
             for j, c in enumerate(cands[i]):
                 init_value[i, j] = scored.get(id(c), math.nan)
+                text_index[i, j] = len(slots[i].texts) + j
                 if c.kind == steps.ANSWER_STEP:
                     v = graded[id(c)]
                     reason[i, j] = tr.ANSWER
@@ -268,14 +267,13 @@ class SearchDriver:
                     reason[i, j] = tr.NO_STOP if c.kind == steps.NO_STOP else tr.EXEC_ERROR
                     reward[i, j] = -1.0
         tree, new_ids = self._expand(tree, jnp.asarray(leaf), jnp.asarray(num_new), jnp.asarray(reason),
-                                     jnp.asarray(reward), jnp.asarray(init_value))
+                                     jnp.asarray(reward), jnp.asarray(init_value), jnp.asarray(text_index))
         new_ids = np.asarray(new_ids)
         for i in cands:
             slot = slots[i]
             for j, c in enumerate(cands[i]):
                 if new_ids[i, j] < 0:
                     continue
-                assert new_ids[i, j] == len(slot.texts), "host and device trees disagree"
                 slot.texts.append(c.text)
                 slot.parents.append(int(leaf[i]))
                 if c.kind == steps.ANSWER_STEP:
@@ -292,7 +290,8 @@ class SearchDriver:
         for k in range(int(row.num_nodes)):
             answer, correct = slot.answers.get(k, (None, None))
             init = float(row.init_value[k])
-            nodes.append({"id": k, "parent": int(row.parent[k]), "depth": int(row.depth[k]), "text": slot.texts[k],
+            nodes.append({"id": k, "parent": int(row.parent[k]), "depth": int(row.depth[k]),
+                          "text": slot.texts[int(row.text_index[k])],
                           "visits": int(row.visits[k]), "value_sum": float(row.value_sum[k]),
                           "init_value": None if math.isnan(init) else init,
                           "terminal_reason": tr.TERMINAL_REASONS[int(row.terminal_reason[k])],
@@ -307,9 +306,8 @@ class SearchDriver:
         os.fsync(out.fileno())
 
 
-def _insert_and_backup(tree, leaf, num_new, reason, reward, init_value, *, max_depth, ppm_leaf_values,
+def _insert_and_backup(tree, leaf, num_new, reason, reward, init_value, text_index, *, max_depth, ppm_leaf_values,
                        propagate_failures):
-    text_index = jnp.full(reason.shape, -1, jnp.int32)  # texts live in the driver's per-tree lists
     tree, ids = tr.insert(tree, leaf, num_new, reason, reward, init_value, text_index, max_depth=max_depth)
     tree = backup.backup_children(tree, ids, ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures)
     return tree, ids
@@ -317,6 +315,6 @@ def _insert_and_backup(tree, leaf, num_new, reason, reward, init_value, *, max_d
 
 def _reset_rows(tree: tr.Tree, rows: jax.Array) -> tr.Tree:
     """Rows marked in `rows` [B] become fresh single-root trees."""
-    fresh = tr.empty(tree.batch_size, tree.capacity)
+    fresh = tr.empty(tree.batch_size, tree.capacity, jnp.zeros((tree.batch_size,), jnp.int32))  # root text: ""
     pick = lambda new, old: jnp.where(rows.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     return jax.tree.map(pick, fresh, tree)
