@@ -22,18 +22,23 @@ from absl import app, flags, logging
 
 from experiments import multihost
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF Qwen2 directory (weights + tokenizer); default: the miniature")
-_PROBLEMS = flags.DEFINE_string("problems", None, "JSONL problems {id, question, answer}; default: 4 generated")
-_PREFIX = flags.DEFINE_string("prefix", "", "partial solution (step texts so far) appended to every prompt")
-_N = flags.DEFINE_integer("n", 4, "candidate steps per problem")
-_MAX_STEP_TOKENS = flags.DEFINE_integer("max_step_tokens", 64, "token limit of one step")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_OUT = flags.DEFINE_string("out", "runs/expand", "output directory (candidates.jsonl, the miniature tokenizer)")
-_TIMEOUT_S = flags.DEFINE_float("timeout_s", 10.0, "sandbox wall-clock limit per program")
+FLAGS = flags.FLAGS
 
-_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 150, "miniature only: steps of teacher-forced training "
-                                     "on the example solutions before sampling (0 = random weights)")
+
+def define_flags() -> None:
+    """Called by main only, so tests can import the miniature helpers next to other tools' flags."""
+    flags.DEFINE_string("hf_dir", None, "HF Qwen2 directory (weights + tokenizer); default: the miniature")
+    flags.DEFINE_string("problems", None, "JSONL problems {id, question, answer}; default: 4 generated")
+    flags.DEFINE_string("prefix", "", "partial solution (step texts so far) appended to every prompt")
+    flags.DEFINE_integer("n", 4, "candidate steps per problem")
+    flags.DEFINE_integer("max_step_tokens", 64, "token limit of one step")
+    flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_string("out", "runs/expand", "output directory (candidates.jsonl, the miniature tokenizer)")
+    flags.DEFINE_float("timeout_s", 10.0, "sandbox wall-clock limit per program")
+    flags.DEFINE_integer("warmup_steps", 150, "miniature only: steps of teacher-forced training "
+                         "on the example solutions before sampling (0 = random weights)")
+
 
 OPERATIONS = [("+", "adds"), ("-", "removes"), ("*", "multiplies it by")]
 # A step ends right after one of these (an <output> block is the tail of the step that closed the code).
@@ -132,37 +137,37 @@ def main(argv):
     from rstar_jax import parallel
     multihost.initialize()
     # Each process expands its own share of the problems with its own devices, into its own directory.
-    out = _OUT.value if jax.process_count() == 1 else os.path.join(_OUT.value, f"process_{jax.process_index()}")
+    out = FLAGS.out if jax.process_count() == 1 else os.path.join(FLAGS.out, f"process_{jax.process_index()}")
     os.makedirs(out, exist_ok=True)
-    rng = random.Random(_SEED.value + 1)  # held out from the warm-up corpus's stream
-    problems = load_problems(_PROBLEMS.value) if _PROBLEMS.value else [example_problem(rng, i)[0] for i in range(4)]
+    rng = random.Random(FLAGS.seed + 1)  # held out from the warm-up corpus's stream
+    problems = load_problems(FLAGS.problems) if FLAGS.problems else [example_problem(rng, i)[0] for i in range(4)]
     problems = parallel.host_shard(problems)
     timings = {}
     start = time.perf_counter()
-    if _HF_DIR.value:
+    if FLAGS.hf_dir:
         from rstar_jax.models.pretrained import load_policy
-        tokenizer, model = load_policy(_HF_DIR.value)
+        tokenizer, model = load_policy(FLAGS.hf_dir)
     else:
-        tokenizer, model = miniature_policy(out, _SEED.value, _WARMUP_STEPS.value)
+        tokenizer, model = miniature_policy(out, FLAGS.seed, FLAGS.warmup_steps)
     timings["load"] = time.perf_counter() - start
-    print(f"policy: {'HF ' + _HF_DIR.value if _HF_DIR.value else 'miniature (tiny Qwen2)'}, "
+    print(f"policy: {'HF ' + FLAGS.hf_dir if FLAGS.hf_dir else 'miniature (tiny Qwen2)'}, "
           f"{model.config.num_params() / 1e6:.2f}M params, vocab {len(tokenizer)}", flush=True)
 
     sampler = Sampler.for_steps(model, tokenizer)
-    prompts = [tk.format_prompt(p["question"]) + _PREFIX.value for p in problems]
+    prompts = [tk.format_prompt(p["question"]) + FLAGS.prefix for p in problems]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     start = time.perf_counter()
-    config = SamplingConfig(max_new_tokens=_MAX_STEP_TOKENS.value, temperature=_TEMPERATURE.value)
-    samples = sampler.generate(prompt_ids, n=_N.value, config=config, seed=_SEED.value)
+    config = SamplingConfig(max_new_tokens=FLAGS.max_step_tokens, temperature=FLAGS.temperature)
+    samples = sampler.generate(prompt_ids, n=FLAGS.n, config=config, seed=FLAGS.seed)
     timings["generate"] = time.perf_counter() - start
 
     candidates = [(p, s) for p, per in zip(problems, samples) for s in per]
     # The node's path as separate steps, so program assembly sees where earlier code blocks closed.
-    prefix_steps = [step for step in re.split(STEP_BOUNDARY, _PREFIX.value) if step]
+    prefix_steps = [step for step in re.split(STEP_BOUNDARY, FLAGS.prefix) if step]
     code_jobs = [i for i, (_, s) in enumerate(candidates) if not is_answer_step(s.text)]
     answer_jobs = [i for i, (_, s) in enumerate(candidates) if is_answer_step(s.text)]
     start = time.perf_counter()
-    with Sandbox(timeout_s=_TIMEOUT_S.value) as sandbox:
+    with Sandbox(timeout_s=FLAGS.timeout_s) as sandbox:
         results = sandbox.run([assemble_program(prefix_steps + [candidates[i][1].text]) for i in code_jobs])
     timings["execute"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -200,4 +205,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -16,12 +16,14 @@ def masked_lm_sums(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -
     logits: [B, T, V] for inputs tokens[:, :T]; tokens: [B, T]; loss_mask: [B, T] (1 where tokens[:, t]
     is a target, i.e. a response token).
     """
-    targets = tokens[:, 1:]  # [B, T-1]: position t predicts token t+1
-    weights = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    # Position t predicts token t+1. The targets are shifted rather than the logits sliced: a slice of
+    # [B, T, V] logits is a full copy (and its gradient a pad), while the last column just gets weight 0.
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # [B, T]; last column a dummy
+    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    logits = logits.astype(jnp.float32)  # [B, T, V]
     # logsumexp minus the target logit: no [B, T, V] log-softmax tensor is kept for the backward pass.
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T-1]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T]
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 

@@ -1,0 +1,25 @@
+"""Policy SFT: SFT records {id, prompt, response} in, orbax checkpoints and an HF export out.
+
+  python -m experiments.sft --init_hf_dir=/ckpt/Qwen2.5-Math-7B --train_records=round_1/sft/sft.jsonl \
+      --out_dir=runs/round_1/policy --max_len=4096 --batch_size=128 --epochs=2 --learning_rate=7e-6 \
+      --compute_dtype=bfloat16 --mesh=-1,4,1
+  python -m experiments.sft --preset=tiny --tokenizer_dir=tok --train_records=sft.jsonl --out_dir=runs/sft
+
+Loss on the response (and its eos) only; starts from the base model every round (rStar). Re-running
+the same command resumes from the newest complete checkpoint. All flags: experiments/train_common.py.
+"""
+from __future__ import annotations
+
+from absl import app
+
+from experiments import train_common
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train_common.run_stage("sft")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,29 @@
+"""Reward-model training: the PPM (preference pairs), PQM (Q values) or ORM (outcome correctness).
+
+  python -m experiments.train_rm --task=ppm --init_hf_dir=runs/round_1/policy/hf \
+      --train_records=round_1/pairs/pairs.jsonl --out_dir=runs/round_1/ppm --batch_size=512 --epochs=1
+  python -m experiments.train_rm --task=orm --preset=tiny --tokenizer_dir=tok --train_records=orm.jsonl ...
+
+Records: ppm {id, prompt, pos, neg, pos_count, neg_count, margin}; pqm {id, prompt, response, q};
+orm {id, prompt, response, correct}. The model is the policy backbone plus a value head (added fresh
+with the reference init when --init_hf_dir has none); 5% of the records are held out for the
+pairwise / outcome accuracy unless --eval_records or --holdout_fraction say otherwise. All flags:
+experiments/train_common.py.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from experiments import train_common
+
+_TASK = flags.DEFINE_enum("task", "ppm", ["ppm", "pqm", "orm"], "which reward model to train")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train_common.run_stage(_TASK.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

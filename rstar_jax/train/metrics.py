@@ -1,0 +1,67 @@
+"""Training metrics: a measured matmul peak for MFU, TensorBoard event files, a console progress line."""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def measure_peak_flops(dtype: str = "float32", size: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of one jitted square matmul on the default device: the MFU denominator where no spec
+    sheet applies (CPU). On accelerators it is a lower bound of the spec peak, so MFU reads high-ish."""
+    a = jnp.ones((size, size), jnp.dtype(dtype))
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class MetricsWriter:
+    """Scalars to TensorBoard (tensorboardX: no TensorFlow needed) on process 0, and a console line."""
+
+    def __init__(self, logdir: str | None, total_steps: int, print_fn=print):
+        self.total_steps = total_steps
+        self.print_fn = print_fn
+        self._writer = None
+        if logdir and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(logdir)
+        self._start = time.perf_counter()
+        self._start_step: int | None = None
+
+    def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def progress(self, step: int, scalars: dict[str, float]) -> None:
+        """`step 12/100 (12%) loss 1.234 lr 7.0e-06 ... eta 01:23`: ETA from the steps done this run."""
+        if jax.process_index() != 0:
+            return
+        now = time.perf_counter()
+        if self._start_step is None:
+            self._start_step, self._start = step - 1, now
+        done = step - self._start_step
+        elapsed = now - self._start
+        eta = elapsed / max(done, 1) * (self.total_steps - step) if done > 1 else float("nan")
+        parts = [f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"]
+        for name, value in scalars.items():
+            parts.append(f"{name} {value:.3g}" if abs(value) < 1e4 else f"{name} {value:.4g}")
+        parts.append(f"eta {format_duration(eta) if eta == eta else '?'}")
+        self.print_fn(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,114 @@
+"""Training records from JSONL files, checked field by field; every error names file:line and field.
+
+  sft   {"id", "prompt", "response"}                                  policy SFT
+  pair  {"id", "prompt", "pos", "neg", "pos_count", "neg_count", "margin"}   PPM (Bradley-Terry)
+  pqm   {"id", "prompt", "response", "q"}                             PQM (MSE on the Q value)
+  orm   {"id", "prompt", "response", "correct"}                       ORM (BCE on correctness)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+
+KINDS = ("sft", "pair", "pqm", "orm")
+
+
+class RecordError(ValueError):
+    """A bad training record or file: where it is and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    fields: dict
+    where: str  # "path:line", for errors found later (tokenization, over-length)
+
+
+def _text(rec: dict, name: str, where: str) -> str:
+    value = rec.get(name)
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: field {name!r}: expected a string, got "
+                          f"{'nothing (missing)' if name not in rec else type(value).__name__}")
+    return value
+
+
+def _number(rec: dict, name: str, where: str) -> float:
+    value = rec.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(f"{where}: field {name!r}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _count(rec: dict, name: str, where: str) -> int:
+    value = rec.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecordError(f"{where}: field {name!r}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def check_record(kind: str, rec: dict, where: str) -> dict:
+    """The record's training fields, validated. Extra fields are ignored."""
+    out = {"id": _text(rec, "id", where), "prompt": _text(rec, "prompt", where)}
+    if kind == "sft":
+        out["response"] = _text(rec, "response", where)
+    elif kind == "pair":
+        out.update(pos=_text(rec, "pos", where), neg=_text(rec, "neg", where),
+                   pos_count=_count(rec, "pos_count", where), neg_count=_count(rec, "neg_count", where),
+                   margin=_number(rec, "margin", where))
+    elif kind == "pqm":
+        out.update(response=_text(rec, "response", where), q=_number(rec, "q", where))
+        if not -1.0 <= out["q"] <= 1.0:
+            raise RecordError(f"{where}: field 'q': Q value {out['q']} is outside [-1, 1]")
+    elif kind == "orm":
+        out["response"] = _text(rec, "response", where)
+        if not isinstance(rec.get("correct"), bool):
+            raise RecordError(f"{where}: field 'correct': expected true or false, got {rec.get('correct')!r}")
+        out["correct"] = rec["correct"]
+    else:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+    return out
+
+
+def read_records(kind: str, paths: str | Sequence[str]) -> list[Record]:
+    """All records of `paths` (JSONL; blank lines skipped), in file order. Raises on the first bad line."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    records = []
+    for path in map(os.fspath, paths):
+        if not os.path.isfile(path):
+            raise RecordError(f"{path}: no such {kind} records file")
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                where = f"{path}:{line_no}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RecordError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+                if not isinstance(rec, dict):
+                    raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                records.append(Record(check_record(kind, rec, where), where))
+    if not records:
+        raise RecordError(f"empty dataset: no {kind} records in {', '.join(paths) or '(no files given)'}")
+    return records
+
+
+def holdout_split(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, held out): a seeded `fraction` of the records (at least one when fraction > 0) held out."""
+    import numpy as np
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction {fraction} must be in [0, 1)")
+    n_out = 0 if fraction == 0 else max(1, int(round(len(records) * fraction)))
+    if n_out >= len(records):
+        raise RecordError(f"holdout fraction {fraction} of {len(records)} records leaves nothing to train on")
+    order = np.random.default_rng(seed).permutation(len(records))
+    held = set(order[:n_out].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])

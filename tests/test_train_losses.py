@@ -1,0 +1,66 @@
+"""Reward-model losses inside their tasks, against hand computations; the optimizer schedule."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rstar_jax.train.optim import OptimConfig, make_optimizer, make_schedule
+from rstar_jax.train.tasks import ORMTask, PPMTask, PQMTask
+from tests.train_fixtures import CharTokenizer
+
+sig = lambda x: 1 / (1 + math.exp(-x))
+
+
+class FirstTokenScorer:
+    """A stand-in reward model: the score of a sequence is its first token id / 10."""
+
+    def __call__(self, tokens, mask):
+        return tokens[:, 0].astype(jnp.float32) / 10
+
+
+def _pair_batch():
+    # Scores 1.0 vs 0.0 (weight 1/4), 0.5 vs 1.0 (weight 1/4), 2.0 vs -1.0 (weight 1), one padding row.
+    return {"pos_tokens": jnp.array([[10], [5], [20], [30]]), "neg_tokens": jnp.array([[0], [10], [-10], [0]]),
+            "pos_mask": jnp.ones((4, 1), bool), "neg_mask": jnp.ones((4, 1), bool),
+            "pos_count": jnp.array([2, 2, 1, 1]), "neg_count": jnp.array([2, 2, 1, 1]),
+            "valid": jnp.array([True, True, True, False])}
+
+
+def test_pairwise_loss_weights_and_normaliser_by_hand():
+    task = PPMTask(CharTokenizer(), 8)
+    batch = _pair_batch()
+    total, metrics = task.loss_sums(FirstTokenScorer(), batch)
+    expected = -(math.log(sig(1.0)) / 4 + math.log(sig(-0.5)) / 4 + math.log(sig(3.0)))
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    np.testing.assert_allclose(task.normalizer(batch), 1 / 4 + 1 / 4 + 1, rtol=1e-6)  # padding row excluded
+    hits, count = metrics["accuracy"]
+    assert (float(hits), float(count)) == (2.0, 3.0)
+
+
+def test_pqm_mse_on_bounded_score_and_orm_bce_by_hand():
+    batch = {"tokens": jnp.array([[10], [-5], [7]]), "mask": jnp.ones((3, 1), bool),
+             "q": jnp.array([0.5, -1.0, 0.0]), "correct": jnp.array([1.0, 1.0, 0.0]),
+             "valid": jnp.array([True, True, False])}
+    total, _ = PQMTask(CharTokenizer(), 8).loss_sums(FirstTokenScorer(), batch)
+    expected = (math.tanh(1.0 / 5) - 0.5) ** 2 + (math.tanh(-0.5 / 5) + 1.0) ** 2
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    total, metrics = ORMTask(CharTokenizer(), 8).loss_sums(FirstTokenScorer(), batch)
+    np.testing.assert_allclose(total, -(math.log(sig(1.0)) + math.log(sig(-0.5))), rtol=1e-6)
+    assert float(metrics["accuracy"][0]) == 1.0  # row 0 right, row 1 wrong, row 2 padding
+
+
+@pytest.mark.parametrize("schedule, mid, end", [("linear", 0.5, 0.0), ("cosine", 0.5, 0.0), ("constant", 1.0, 1.0)])
+def test_schedule_warms_up_then_decays(schedule, mid, end):
+    f = make_schedule(OptimConfig(learning_rate=1.0, schedule=schedule, warmup_steps=10), total_steps=110)
+    assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5) and float(f(10)) == pytest.approx(1.0)
+    assert float(f(60)) == pytest.approx(mid, abs=1e-6) and float(f(110)) == pytest.approx(end, abs=1e-6)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0), total_steps=10)
+    params = {"w": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    zero = {"w": jnp.zeros((2, 2)), "bias": jnp.zeros((2,))}
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)  # decay only
+    np.testing.assert_allclose(updates["bias"], 0.0)

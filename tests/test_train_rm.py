@@ -1,0 +1,70 @@
+"""`experiments.train_rm` trains a PPM end to end (held-out pairwise accuracy, HF export with the value
+head), and the loop writes TensorBoard scalars and a profiler trace of the asked-for steps."""
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from tests.hf_fixtures import make_bpe_tokenizer
+from tests.train_fixtures import write_jsonl
+
+
+def test_train_rm_ppm_end_to_end(tmp_path):
+    rng = random.Random(0)
+    pairs = []
+    for i in range(48):
+        a = rng.randint(1, 50)
+        pairs.append({"id": f"p{i}", "prompt": f"Q: {a} plus {a}?\nA:", "pos": f" {2 * a} right",
+                      "neg": f" {2 * a + 1} wrong", "pos_count": 1 + i % 2, "neg_count": 2, "margin": 0.5})
+    records = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    make_bpe_tokenizer(str(tmp_path / "tok"), [p["prompt"] + p["pos"] + p["neg"] for p in pairs], vocab_size=300)
+    out = tmp_path / "ppm"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train_rm", "--task=ppm", "--preset=tiny",
+         f"--tokenizer_dir={tmp_path / 'tok'}",
+         f"--train_records={records}", f"--out_dir={out}", "--max_len=32", "--batch_size=8", "--max_steps=20",
+         "--learning_rate=2e-3", "--holdout_fraction=0.25", "--log_every=10", "--length_buckets=32",
+         "--peak_flops=1e11"], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "36 training examples from 36 records" in proc.stdout and "12 held out" in proc.stdout
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["eval"]["accuracy"] >= 0.9  # the "right" token is a give-away
+    assert metrics["train"]["loss"] < 0.3
+    assert glob.glob(str(out / "tb" / "events.out.tfevents.*"))
+
+    from rstar_jax.models.hf_io import load_hf
+    ppm = load_hf(str(out / "hf"), ppm=True)
+    from rstar_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(out / "hf"))
+    enc = lambda text: tok.encode(text, add_special_tokens=False)
+    p = pairs[0]
+    rows = [enc(p["prompt"]) + enc(p["pos"]), enc(p["prompt"]) + enc(p["neg"])]
+    width = max(map(len, rows))
+    tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows])
+    mask = jnp.asarray([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+    r_pos, r_neg = np.asarray(ppm(tokens, mask))
+    assert r_pos > r_neg
+
+
+def test_fit_writes_tensorboard_and_a_profile_window(tmp_path):
+    from rstar_jax.train.loop import fit
+    from rstar_jax.train.metrics import MetricsWriter
+    from tests.train_fixtures import make_trainer
+    trainer, it = make_trainer(steps=3, buckets=(32,), profile_start=1, profile_steps=1,
+                               profile_dir=str(tmp_path / "profile"))
+    lines = []
+    writer = MetricsWriter(str(tmp_path / "tb"), 3, print_fn=lambda s, flush: lines.append(s))
+    result = fit(trainer, it, writer=writer, peak_flops=1e11)
+    writer.close()
+    assert len(lines) == 3 and lines[-1].startswith("step 3/3 (100%) | loss ")
+    assert "tokens_per_s" in lines[-1] and "mfu" in lines[-1] and "eta 00:00" in lines[-1]
+    assert 0 < result.last_metrics["mfu"] and result.last_metrics["lr"] > 0
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
