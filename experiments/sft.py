@@ -18,8 +18,9 @@ from experiments import train_common
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    train_common.run_stage("sft")
+    train_common.run_training("sft", train_common.config_from_flags())
 
 
 if __name__ == "__main__":
+    train_common.define_flags()
     app.run(main)

@@ -16,14 +16,12 @@ from absl import app, flags
 
 from experiments import train_common
 
-_TASK = flags.DEFINE_enum("task", "ppm", ["ppm", "pqm", "orm"], "which reward model to train")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    train_common.run_stage(_TASK.value)
-
+    train_common.run_training(flags.FLAGS.task, train_common.config_from_flags())
 
 if __name__ == "__main__":
+    flags.DEFINE_enum("task", "ppm", ["ppm", "pqm", "orm"], "which reward model to train")
+    train_common.define_flags()
     app.run(main)
