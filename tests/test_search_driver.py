@@ -12,7 +12,7 @@ from experiments.expand import example_problem
 from experiments.search import run_search
 from rstar_jax.search import steps
 from rstar_jax.search.config import SearchConfig
-from rstar_jax.search.driver import ResumeError, read_finished, stream_id
+from rstar_jax.search.driver import ResumeError, read_finished, step_budgets, stream_id
 from rstar_jax.search.extract import ExtractConfig
 from rstar_jax.search.tree_record import TreeRecord
 from rstar_jax.verify.grader import Grader
@@ -166,3 +166,8 @@ def test_stream_ids_depend_on_the_tree_and_node_only():
     assert stream_id("p", 0, 5) == stream_id("p", 0, 5)
     assert len({stream_id("p", 0, 5), stream_id("p", 1, 5), stream_id("q", 0, 5), stream_id("p", 0, 6)}) == 4
     assert 0 <= stream_id("p" * 100, 2**31, 10**6) < 2**32 - 1
+
+
+def test_step_budgets_shrink_near_the_context_limit_per_row():
+    groups = step_budgets({0: 100, 1: 4000, 2: 4090, 3: 3000}, max_step_tokens=2048, max_context_tokens=4096)
+    assert groups == {2048: [0], 64: [1], 4: [2], 1024: [3]}

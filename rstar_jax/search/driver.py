@@ -21,7 +21,7 @@ import math
 import os
 import time
 import zlib
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,17 @@ class _Slot:
 def stream_id(problem_id: str, seed: int, node: int) -> int:
     """The sampler stream of one expansion: a function of the tree's identity and the node alone."""
     return zlib.crc32(f"{problem_id}\x00{seed}\x00{node}".encode()) % (2**32 - 1)
+
+
+def step_budgets(prompt_lengths: dict[int, int], max_step_tokens: int, max_context_tokens: int) -> dict[int, list]:
+    """Rows (keyed by slot) grouped by their token budget: max_step_tokens, or near the context limit the
+    room left rounded down to a power of two (bounded recompilation). A row's budget depends on its own
+    prompt alone, so its samples do not depend on which other trees share the call."""
+    groups = collections.defaultdict(list)
+    for i, length in prompt_lengths.items():
+        room = max_context_tokens - length
+        groups[max_step_tokens if room >= max_step_tokens else 1 << (room.bit_length() - 1)].append(i)
+    return dict(groups)
 
 
 def read_finished(path: str, digest: str) -> set[tuple[str, int]]:
@@ -212,16 +223,16 @@ class SearchDriver:
         expandable = [i for i in live if len(ids[i]) < cfg.max_context_tokens]
 
         t = time.perf_counter()
-        room = max((cfg.max_context_tokens - len(ids[i]) for i in expandable), default=1)
-        # Near the context limit the step budget shrinks, in powers of two to bound recompilation.
-        budget = cfg.max_step_tokens if room >= cfg.max_step_tokens else 1 << (room.bit_length() - 1)
-        sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
-        samples = self.sampler.generate([ids[i] for i in expandable], n=n, config=sampling, seed=0,
-                                        prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i]))
-                                                    for i in expandable]) if expandable else []
+        samples = {}
+        for budget, rows in step_budgets({i: len(ids[i]) for i in expandable}, cfg.max_step_tokens,
+                                         cfg.max_context_tokens).items():
+            out = self.sampler.generate(
+                [ids[i] for i in rows], n=n, config=dataclasses.replace(self.sampling, max_new_tokens=budget), seed=0,
+                prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows])
+            samples.update(zip(rows, out))
         self.times["generate"] += time.perf_counter() - t
-        cands = {i: steps.candidate_steps([(s.text, s.finish_reason) for s in per], dedupe=cfg.dedupe,
-                                          answer_first=cfg.answer_first) for i, per in zip(expandable, samples)}
+        cands = {i: steps.candidate_steps([(s.text, s.finish_reason) for s in samples[i]], dedupe=cfg.dedupe,
+                                          answer_first=cfg.answer_first) for i in expandable}
 
         t = time.perf_counter()
         code = [(i, c) for i in cands for c in cands[i] if c.kind == steps.CODE]
