@@ -16,6 +16,7 @@ import time
 
 from absl import app, flags
 
+from rstar_jax.jsonl import json_objects
 from rstar_jax.verify.answer_extract import reference_answers
 from rstar_jax.verify.grader import Grader
 
@@ -38,31 +39,20 @@ class PairsFileError(ValueError):
 def load_pairs(path: str) -> list[tuple[int, str, object]]:
     """(line number, pred, ref) for every non-blank line of a JSONL pairs file."""
     pairs = []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PairsFileError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise PairsFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise PairsFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for field in ("pred", "ref"):
-                if field not in record:
-                    raise PairsFileError(f"{where}: missing field {field!r}")
-            if not isinstance(record["pred"], str):
-                raise PairsFileError(f"{where}: field 'pred' must be a string, got {type(record['pred']).__name__}")
-            try:
-                reference_answers(record["ref"])
-            except (TypeError, ValueError) as e:
-                raise PairsFileError(f"{where}: field 'ref': {e}") from None
-            pairs.append((line_number, record["pred"], record["ref"]))
+    for line_number, record in json_objects(path):
+        where = f"{path}:{line_number}"
+        if isinstance(record, str):
+            raise PairsFileError(f"{where}: {record}")
+        for field in ("pred", "ref"):
+            if field not in record:
+                raise PairsFileError(f"{where}: missing field {field!r}")
+        if not isinstance(record["pred"], str):
+            raise PairsFileError(f"{where}: field 'pred' must be a string, got {type(record['pred']).__name__}")
+        try:
+            reference_answers(record["ref"])
+        except (TypeError, ValueError) as e:
+            raise PairsFileError(f"{where}: field 'ref': {e}") from None
+        pairs.append((line_number, record["pred"], record["ref"]))
     return pairs
 
 

@@ -161,10 +161,7 @@ def main(argv):
     print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {flops / ours_s / peak_flops:.0%} of matmul peak; "
           f"{bytes_moved / ours_s / 1e9:.2f} GB/s = {bytes_moved / ours_s / bandwidth:.0%} of bandwidth", flush=True)
 
-    hf_config = transformers.Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=True, max_position_embeddings=cfg.max_position_embeddings)
+    hf_config = transformers.Qwen2Config(**cfg.to_hf_dict())
     torch.manual_seed(FLAGS.seed)
     hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
     hf_tokens, hf_s, hf_mem = run_hf(hf_model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.hf_prompts_per_call)

@@ -62,10 +62,7 @@ def run_ours(cfg, tokens, steps: int, remat: bool):
 def run_hf(cfg, tokens, steps: int):
     import torch
     import transformers
-    hf_config = transformers.Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=True, max_position_embeddings=cfg.max_position_embeddings)
+    hf_config = transformers.Qwen2Config(**cfg.to_hf_dict())
     torch.manual_seed(FLAGS.seed)
     model = transformers.Qwen2ForCausalLM(hf_config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)

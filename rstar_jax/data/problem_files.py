@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from absl import logging
 
+from rstar_jax.jsonl import json_objects
 from rstar_jax.data.problem import FieldError, problem_from_record
 
 # mapper(source_record, index, name) -> problem; raises FieldError for a bad record.
@@ -58,26 +59,8 @@ def default_name(path: str | os.PathLike) -> str:
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict | ProblemFormatError]]:
     """(line, record or error) for each non-blank line; errors are yielded so callers may skip."""
-    with open(path, "rb") as f:  # bytes: a bad byte must fail its own line, not the whole file
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield line_no, ProblemFormatError(
-                    path, line_no, None, f"not UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, ProblemFormatError(path, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(record, dict):
-                yield line_no, ProblemFormatError(
-                    path, line_no, None, f"expected a JSON object, got {type(record).__name__}")
-                continue
-            yield line_no, record
+    for line_no, item in json_objects(path):
+        yield line_no, item if isinstance(item, dict) else ProblemFormatError(path, line_no, None, item)
 
 
 def _json_array_records(path: str) -> Iterator[tuple[int, dict | ProblemFormatError]]:

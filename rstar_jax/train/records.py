@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
+
+from rstar_jax.jsonl import json_objects
 
 KINDS = ("sft", "pair", "pqm", "orm")
 
@@ -80,22 +81,11 @@ def read_records(kind: str, paths: str | Sequence[str]) -> list[Record]:
     for path in map(os.fspath, paths):
         if not os.path.isfile(path):
             raise RecordError(f"{path}: no such {kind} records file")
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                where = f"{path}:{line_no}"
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise RecordError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
-                if not isinstance(rec, dict):
-                    raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                records.append(Record(check_record(kind, rec, where), where))
+        for line_no, rec in json_objects(path):
+            where = f"{path}:{line_no}"
+            if isinstance(rec, str):
+                raise RecordError(f"{where}: {rec}")
+            records.append(Record(check_record(kind, rec, where), where))
     if not records:
         raise RecordError(f"empty dataset: no {kind} records in {', '.join(paths) or '(no files given)'}")
     return records
