@@ -14,6 +14,7 @@ from typing import Sequence
 from absl import flags
 
 from experiments import multihost
+from rstar_jax.models.config import ATTENTION_IMPLS
 
 def _field(default, help_text: str, kind: str | None = None, choices: Sequence[str] | None = None):
     kind = kind or {bool: "bool", int: "integer", float: "float", str: "string", tuple: "list"}[type(default)]
@@ -49,6 +50,9 @@ class TrainStageConfig:
     max_grad_norm: float = _field(1.0, "global gradient-norm clipping (0: off)")
     compute_dtype: str = _field("float32", "forward/backward dtype (master parameters and optimizer state stay "
                                 "fp32)", "enum", ("float32", "bfloat16"))
+    attention_impl: str = _field("xla", "attention kernel: xla (einsum), dot_product (jax.nn.dot_product_attention), "
+                                 "cudnn (its fused cuDNN kernel: NVIDIA GPUs with --compute_dtype=bfloat16)", "enum",
+                                 ATTENTION_IMPLS)
     remat: bool = _field(False, "recompute each decoder layer in the backward pass (saves memory)")
     mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)")
     seed: int = _field(0, "data order and fresh-init seed")
@@ -100,9 +104,10 @@ def _model(task_name: str, cfg: TrainStageConfig, tokenizer, mesh):
     if bool(cfg.init_hf_dir) == bool(cfg.preset):
         raise ValueError("give exactly one of init_hf_dir and preset")
     if cfg.init_hf_dir:
-        model = load_hf(cfg.init_hf_dir, ppm=reward, init_missing_value_head=reward, mesh=mesh)
+        model = load_hf(cfg.init_hf_dir, ppm=reward, init_missing_value_head=reward, mesh=mesh,
+                        attention_impl=cfg.attention_impl)
     else:
-        model_cfg = preset(cfg.preset)
+        model_cfg = preset(cfg.preset).replace(attention_impl=cfg.attention_impl)
         model = PPM(model_cfg, rngs=nnx.Rngs(cfg.seed)) if reward else Qwen2(model_cfg, rngs=nnx.Rngs(cfg.seed))
     return tk.sync_model_vocab(model, tokenizer, nnx.Rngs(cfg.seed + 1), pad_to_multiple_of=mesh.shape["tensor"])
 

@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import transformers  # noqa: E402
 
 from rstar_jax.models import KVCache, positions_from_mask  # noqa: E402
+from rstar_jax.models.attention import attend  # noqa: E402
 from rstar_jax.models.hf_io import load_hf, save_hf  # noqa: E402
 from tests.hf_fixtures import make_hf_qwen2  # noqa: E402
 
@@ -119,3 +121,24 @@ def test_dot_product_attention_matches_xla(pair):
     args = (jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
     a, b = xla.logits(xla(*args)[0]), dpa.logits(dpa(*args)[0])
     np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], atol=1e-5)
+
+
+def test_cudnn_attention_refuses_fp32():
+    q = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    kv = jnp.zeros((1, 1, 4, 8), jnp.float32)
+    with pytest.raises(ValueError, match="cudnn.*bfloat16"):
+        attend(q, kv, kv, jnp.ones((1, 4, 4), bool), impl="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention needs an NVIDIA GPU (device check)")
+def test_cudnn_attention_matches_xla_in_bf16(pair):
+    _, _, hf_dir = pair
+    xla = load_hf(hf_dir, dtype="bfloat16")
+    fused = load_hf(hf_dir, dtype="bfloat16", attention_impl="cudnn")
+    tokens, mask = _left_padded_batch(xla.config.vocab_size, seed=4)
+    args = (jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+    a = np.asarray(xla.logits(xla(*args)[0]), np.float32)[mask]
+    b = np.asarray(fused.logits(fused(*args)[0]), np.float32)[mask]
+    assert np.isfinite(b).all()
+    # bf16 activations: the two kernels round differently; compare at bf16 resolution of the logits' scale.
+    np.testing.assert_allclose(b, a, atol=0.02 * np.abs(a).max())

@@ -30,7 +30,7 @@ def test_train_rm_ppm_end_to_end(tmp_path):
          f"--tokenizer_dir={tmp_path / 'tok'}",
          f"--train_records={records}", f"--out_dir={out}", "--max_len=32", "--batch_size=8", "--max_steps=20",
          "--learning_rate=2e-3", "--holdout_fraction=0.25", "--log_every=10", "--length_buckets=32",
-         "--peak_flops=1e11"], capture_output=True, text=True, timeout=180, env=env)
+         "--peak_flops=1e11", "--attention_impl=dot_product"], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "36 training examples from 36 records" in proc.stdout and "12 held out" in proc.stdout
     with open(out / "metrics.json") as f:
@@ -38,6 +38,8 @@ def test_train_rm_ppm_end_to_end(tmp_path):
     assert metrics["eval"]["accuracy"] >= 0.9  # the "right" token is a give-away
     assert metrics["train"]["loss"] < 0.3
     assert glob.glob(str(out / "tb" / "events.out.tfevents.*"))
+    with open(out / "config.json") as f:
+        assert json.load(f)["attention_impl"] == "dot_product"
 
     from rstar_jax.models.hf_io import load_hf
     ppm = load_hf(str(out / "hf"), ppm=True)

@@ -3,18 +3,21 @@
   python -m experiments.bench.decode            # the issue's workload (several minutes on 2 cores)
   python -m experiments.bench.decode --num_prompts=8 --min_len=64 --max_len=128   # a quick look
 
+  python -m experiments.bench.decode --preset=qwen2.5-1.5b --dtype=bfloat16   # on a GPU
+
 Workload: prompts of random length in [min_len, max_len], n samples each, `new_tokens` sampled tokens
-(no stop), random weights of a ~50M-parameter Qwen2-shaped fp32 config. Prints tokens/s and peak
-memory of both, our achieved fraction of this machine's measured matmul peak and memory bandwidth,
-and last `ratio=<ours/HF tokens per second>`.
+(no stop), random weights of a ~50M-parameter Qwen2-shaped fp32 config (or `--preset`'s shapes). Both
+run on JAX's default device: a GPU if JAX has one (PyTorch then uses CUDA too), else the CPU. Prints
+tokens/s and peak memory of both, our achieved fraction of this machine's measured matmul peak and
+memory bandwidth, and last `ratio=<ours/HF tokens per second>`.
 """
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 from absl import app, flags
+
+from experiments.bench.common import PeakMemory, model_config, peak_matmul_size, torch_device
 
 flags.DEFINE_integer("num_prompts", 64, "prompts (MCTS leaves)")
 flags.DEFINE_integer("min_len", 256, "shortest prompt, tokens")
@@ -23,53 +26,24 @@ flags.DEFINE_integer("n", 8, "samples per prompt")
 flags.DEFINE_integer("new_tokens", 48, "tokens generated per sample")
 flags.DEFINE_integer("hf_prompts_per_call", 8, "prompts per HF generate call (bounds HF's memory)")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_string("preset", "", "model shapes of this preset (rstar_jax.models.config.PRESETS); default: ~48M")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype of both models")
+flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product", "cudnn"], "our prefill attention")
 FLAGS = flags.FLAGS
 
-# ~48M parameters, Qwen2-shaped (GQA 4:1, tied embeddings).
-BENCH_CONFIG = dict(vocab_size=50000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
-                    intermediate_size=1408, rope_theta=1e6, max_position_embeddings=1024)
 
-
-class PeakRSS:
-    """Peak resident memory above the starting point while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def delta_mib(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def measure_machine():
-    """(matmul FLOP/s, memory bytes/s) of this machine through XLA, fp32."""
+def measure_machine(dtype: str):
+    """(matmul FLOP/s, memory bytes/s) of this machine through XLA, in `dtype`."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((2048, 2048), jnp.float32)
+    size = peak_matmul_size()
+    a = jnp.ones((size, size), jnp.dtype(dtype))
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
     start, reps = time.perf_counter(), 10
     for _ in range(reps):
         mm(a).block_until_ready()
-    flops = 2 * 2048**3 * reps / (time.perf_counter() - start)
+    flops = 2 * size**3 * reps / (time.perf_counter() - start)
     big = jnp.ones((64 << 20,), jnp.float32)  # 256 MiB, far beyond the caches
     copy = jax.jit(lambda x: x * 1.0001)
     copy(big).block_until_ready()
@@ -92,7 +66,7 @@ def run_ours(model, prompts, n, new_tokens, seed):
     warm = time.perf_counter()
     sampler.generate(prompts, n=n, config=cfg, seed=seed)  # first full-size call compiles
     compile_s = time.perf_counter() - warm
-    with PeakRSS() as mem:
+    with PeakMemory("jax") as mem:
         start = time.perf_counter()
         out = sampler.generate(prompts, n=n, config=cfg, seed=seed + 1)
         seconds = time.perf_counter() - start
@@ -100,10 +74,10 @@ def run_ours(model, prompts, n, new_tokens, seed):
     return tokens, seconds, mem.delta_mib, compile_s, sampler.last_timing
 
 
-def run_hf(hf_model, prompts, n, new_tokens, per_call):
+def run_hf(hf_model, prompts, n, new_tokens, per_call, device):
     import torch
     tokens, start = 0, time.perf_counter()
-    with PeakRSS() as mem, torch.no_grad():
+    with PeakMemory("torch") as mem, torch.no_grad():
         for i in range(0, len(prompts), per_call):
             chunk = prompts[i:i + per_call]
             width = max(map(len, chunk))
@@ -112,10 +86,12 @@ def run_hf(hf_model, prompts, n, new_tokens, per_call):
             for r, p in enumerate(chunk):  # left padding, as for decoder-only generation
                 ids[r, width - len(p):] = torch.tensor(p)
                 mask[r, width - len(p):] = 1
-            out = hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=n,
+            out = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, num_return_sequences=n,
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_p=1.0, top_k=0,
                                     temperature=1.0, pad_token_id=0)
             tokens += (out.shape[1] - width) * out.shape[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
     return tokens, time.perf_counter() - start, mem.delta_mib
 
 
@@ -127,15 +103,16 @@ def main(argv):
     import transformers
     from flax import nnx
 
-    from rstar_jax.models import ModelConfig, Qwen2
-    cfg = ModelConfig(**BENCH_CONFIG)
+    from rstar_jax.models import Qwen2
+    cfg = model_config(FLAGS.preset, FLAGS.dtype, FLAGS.attention_impl)
+    device = torch_device()
     rng = np.random.default_rng(FLAGS.seed)
     prompts = make_prompts(rng, FLAGS.num_prompts, FLAGS.min_len, FLAGS.max_len, cfg.vocab_size)
     print(f"workload: {len(prompts)} prompts of {FLAGS.min_len}-{FLAGS.max_len} tokens, n={FLAGS.n}, "
-          f"{FLAGS.new_tokens} new tokens; model {cfg.num_params() / 1e6:.1f}M params fp32; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"{FLAGS.new_tokens} new tokens; model {cfg.num_params() / 1e6:.1f}M params {cfg.dtype}; "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} "
           f"({torch.get_num_threads()} threads)", flush=True)
-    peak_flops, bandwidth = measure_machine()
+    peak_flops, bandwidth = measure_machine(cfg.dtype)
     print(f"machine: matmul peak {peak_flops / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s",
           flush=True)
 
@@ -155,16 +132,18 @@ def main(argv):
     flops = (2 * (params + lm_head) * (prompt_tokens + ours_tokens) + attn * ctx * ours_tokens
              + attn * np.mean([len(p) for p in prompts]) / 2 * prompt_tokens)
     # Bytes per decode step: all weights once, each prompt's shared KV once, each sample's own KV.
-    slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    width = cfg.jnp_dtype.itemsize
+    slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * width
     kv_bytes = slot_bytes * (prompt_tokens + FLAGS.new_tokens / 2 * len(prompts) * FLAGS.n)
-    bytes_moved = (cfg.num_params() * 4 + kv_bytes) * FLAGS.new_tokens
+    bytes_moved = (cfg.num_params() * width + kv_bytes) * FLAGS.new_tokens
     print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {flops / ours_s / peak_flops:.0%} of matmul peak; "
           f"{bytes_moved / ours_s / 1e9:.2f} GB/s = {bytes_moved / ours_s / bandwidth:.0%} of bandwidth", flush=True)
 
     hf_config = transformers.Qwen2Config(**cfg.to_hf_dict())
     torch.manual_seed(FLAGS.seed)
-    hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
-    hf_tokens, hf_s, hf_mem = run_hf(hf_model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.hf_prompts_per_call)
+    with torch.device(device):  # built where it runs: a preset's CPU init takes minutes
+        hf_model = transformers.Qwen2ForCausalLM(hf_config).to(getattr(torch, cfg.dtype)).eval()
+    hf_tokens, hf_s, hf_mem = run_hf(hf_model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.hf_prompts_per_call, device)
     hf_tps = hf_tokens / hf_s
     print(f"hf:   {hf_tokens} tokens in {hf_s:.2f} s = {hf_tps:.1f} tokens/s; peak memory +{hf_mem:.0f} MiB "
           f"({FLAGS.hf_prompts_per_call} prompts x {FLAGS.n} per generate call)", flush=True)

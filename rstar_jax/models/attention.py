@@ -53,16 +53,23 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
     q: [B, T, H, Dh]; k, v: [B, G, S, Dh] (heads-major, the KV-cache layout) with H a multiple of G;
     mask: [B, T, S] bool (True = may attend). Returns [B, T, H, Dh]. "xla" handles queries in blocks
     of `query_chunk` once T exceeds it (long prefills and training: memory linear in T, not T*S).
-    "dot_product" goes through `jax.nn.dot_product_attention` (its XLA path in jax 0.10; the place to
-    plug fused kernels).
+    "dot_product" goes through `jax.nn.dot_product_attention`'s default path (XLA in jax 0.10);
+    "cudnn" through its cuDNN fused kernel (NVIDIA GPUs, bf16/fp16 only).
     """
     scale = q.shape[-1] ** -0.5
     if impl == "xla":
         if q.shape[1] > query_chunk:
             return _chunked_xla_attention(q, k, v, mask, scale, query_chunk)
         return _xla_attention(q, k, v, mask, scale)
-    if impl == "dot_product":
-        return jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, None], scale=scale)
+    if impl in ("dot_product", "cudnn"):
+        if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 activations, got {q.dtype}; "
+                             "use dtype='bfloat16' (or a bf16 compute dtype when training)")
+        # A query that may attend nowhere (left padding) attends everywhere, as the "xla" path's finite
+        # bias makes it do: a fully masked row could come out of a fused kernel as NaN and spread.
+        mask = mask | ~mask.any(axis=-1, keepdims=True)
+        return jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, None], scale=scale,
+                                            implementation="cudnn" if impl == "cudnn" else None)
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 

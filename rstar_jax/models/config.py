@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("xla", "dot_product")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +28,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     # Parameter dtype; activations follow it, while norms, softmax, RoPE and logits stay fp32.
     dtype: str = "float32"
-    # "xla": einsum attention; "dot_product": jax.nn.dot_product_attention (in jax 0.10 its XLA path on
-    # every backend; the hook for fused kernels). Decode over a shared prompt prefix (the sampler's)
-    # always uses its own two-part softmax.
+    # "xla": einsum attention; "dot_product": jax.nn.dot_product_attention's default (XLA) path;
+    # "cudnn": its cuDNN fused kernel (NVIDIA GPUs, bf16). Decode over a shared prompt prefix (the
+    # sampler's) always uses its own two-part softmax.
     attention_impl: str = "xla"
 
     def __post_init__(self):

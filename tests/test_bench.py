@@ -1,0 +1,19 @@
+"""The model benchmarks run end to end on a small workload and end with their `ratio=` line."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("args", [
+    ["experiments.bench.decode", "--num_prompts=2", "--min_len=16", "--max_len=24", "--n=2", "--new_tokens=4"],
+    ["experiments.bench.train", "--batch=2", "--seq_len=32", "--steps=1", "--dtype=bfloat16",
+     "--attention_impl=dot_product"],
+], ids=["decode", "train"])
+def test_benchmark_prints_both_sides_and_a_ratio(args):
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("ours:") for line in lines) and any(line.startswith("hf:") for line in lines)
+    assert re.fullmatch(r"ratio=\d+\.\d\d", lines[-1]), lines[-1]
