@@ -32,6 +32,15 @@ setup(
         "grain==0.2.18",
         "tensorboardX==2.6.5",
         "absl-py==2.5.1",
+        # Evaluation plots (PNG, headless Agg backend) and matplotlib's own requirements, pinned.
+        "matplotlib==3.10.7",
+        "contourpy==1.3.3",
+        "cycler==0.12.1",
+        "fonttools==4.68.0",
+        "kiwisolver==1.5.1",
+        "pillow==13.0.0",
+        "pyparsing==3.3.3",
+        "python-dateutil==4.0.0",
     ],
     extras_require={
         # Parity tests compare against HF's PyTorch Qwen2 (CPU wheel).

@@ -54,6 +54,7 @@ class _Slot:
     texts: list[str]  # [text_index] step texts, appended in node order ("" for the root)
     parents: list[int]  # [node] a host copy of the tree's parents, for building prompts without a device read
     answers: dict[int, tuple[str | None, bool]] = dataclasses.field(default_factory=dict)  # node -> (answer, ok)
+    generated_tokens: int = 0  # every sampled token of this search, kept or not (the compute it cost)
 
     @property
     def solved(self) -> bool:
@@ -230,6 +231,8 @@ class SearchDriver:
                 [ids[i] for i in rows], n=n, config=dataclasses.replace(self.sampling, max_new_tokens=budget), seed=0,
                 prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows])
             samples.update(zip(rows, out))
+        for i in expandable:
+            slots[i].generated_tokens += sum(len(s.token_ids) for s in samples[i])
         self.times["generate"] += time.perf_counter() - t
         cands = {i: steps.candidate_steps([(s.text, s.finish_reason) for s in samples[i]], dedupe=cfg.dedupe,
                                           answer_first=cfg.answer_first) for i in expandable}
@@ -311,7 +314,8 @@ class SearchDriver:
         record = {"problem_id": slot.problem["id"], "prompt": slot.prompt, "answer": slot.problem["answer"],
                   "mode": self.config.mode, "config_digest": self.config.digest(), "seed": slot.seed,
                   "nodes": nodes, "stats": {"rollouts": rollouts, "answers": len(answers),
-                                            "correct_answers": sum(answers)}}
+                                            "correct_answers": sum(answers),
+                                            "generated_tokens": slot.generated_tokens}}
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         out.flush()
         os.fsync(out.fileno())

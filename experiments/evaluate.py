@@ -1,0 +1,227 @@
+"""Evaluate a policy (and a reward model) on a problem set: greedy, majority vote, best-of-N, step beam
+search and PPM-guided MCTS at several N, with bootstrap intervals, tokens and wall time.
+
+  python -m experiments.evaluate --problems=tfds:math500 --policy=runs/r4/policy/hf \
+      --reward_model=runs/r4/ppm/hf --methods=greedy,majority,best_of_n,mcts --ns=1,4,16,64 --out=eval/r4
+
+Writes into --out: `summary.json` (schema in the README, section Evaluation), `report.md`, `scaling.png`
+(accuracy vs N per method) and the raw results it resumes from: `methods/<method>.json` per finished
+method and `mcts/trees.jsonl` (one inference search per problem and seed; an interrupted run continues
+where it stopped). The MCTS settings are the search flags (`--rollouts`, `--num_candidates`, ...; the mode
+is always `inference`, with max(--ns) independent searches per problem); sampling settings
+(`--temperature`, `--top_p`, `--max_step_tokens`, `--max_context_tokens`, `--exec_timeout_s`) apply to every
+method. Smaller N reuse the first N samples / searches of the largest, so every N is measured on the same
+draws; their wall time is the largest run's, apportioned by generated tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+from experiments import multihost, search_flags
+from experiments.stages import write_json_atomic
+
+METHODS = ("greedy", "majority", "best_of_n", "beam", "mcts")
+NEEDS_REWARD_MODEL = ("best_of_n", "beam", "mcts")
+SELECTIONS = ("top_score", "majority_of_top_k", "weighted_vote")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    search_flags.define()
+    flags.DEFINE_string("problems", None, "problem set: JSONL/JSON file or tfds:<name>")
+    flags.DEFINE_string("set_name", None, "name of the set in the report (default: from --problems)")
+    flags.DEFINE_integer("limit", 0, "evaluate the first N problems (0 = all)")
+    flags.DEFINE_string("policy", None, "policy: HF directory")
+    flags.DEFINE_string("reward_model", None, "PPM / ORM HF directory (best_of_n, beam, mcts)")
+    flags.DEFINE_list("methods", ["greedy", "majority", "mcts"], f"any of {', '.join(METHODS)}")
+    flags.DEFINE_list("ns", ["1", "2", "4", "8"], "N values: samples (majority, best_of_n), searches (mcts)")
+    flags.DEFINE_list("selections", list(SELECTIONS), "MCTS answer selections over the N searches")
+    flags.DEFINE_integer("vote_top_k", 4, "k of majority_of_top_k")
+    flags.DEFINE_integer("beam_width", 8, "step beam search width (samples per entry: --num_candidates)")
+    flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples of the 95% interval")
+    flags.DEFINE_string("out", None, "output directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate; everything that changes a result is in `digest`."""
+
+    methods: tuple[str, ...] = ("greedy",)
+    ns: tuple[int, ...] = (1,)
+    selections: tuple[str, ...] = SELECTIONS
+    vote_top_k: int = 4
+    beam_width: int = 8
+    bootstrap: int = 1000
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; expected any of {METHODS}")
+        if not self.ns or any(n < 1 for n in self.ns):
+            raise ValueError(f"ns must be positive integers, got {self.ns}")
+        bad = [s for s in self.selections if s not in SELECTIONS]
+        if bad:
+            raise ValueError(f"unknown selection(s) {bad}; expected any of {SELECTIONS}")
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(path: str, digest: str, compute: Callable[[], dict], progress) -> dict:
+    """A method's raw results: from `path` when written with the same settings, else computed and saved."""
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("digest") == digest:
+            progress(f"evaluate: reusing {path}")
+            return saved
+    start = time.perf_counter()
+    result = {**compute(), "digest": digest}
+    result["wall_s"] = time.perf_counter() - start
+    write_json_atomic(path, result)
+    return result
+
+
+def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward_dir: str | None, out_dir: str,
+             spec: EvalSpec, search_config, progress: Callable[[str], None] = print) -> dict:
+    """Runs every method of `spec` and writes summary.json, report.md and scaling.png into out_dir."""
+    from experiments.search import load_scorer
+    from rstar_jax.eval import report, selection
+    from rstar_jax.models.pretrained import load_policy
+    from rstar_jax.sampling import Sampler
+    from rstar_jax.search import baselines
+    from rstar_jax.search.driver import SearchDriver
+    from rstar_jax.search.tree_record import read_tree_records
+    from rstar_jax.verify.grader import Grader
+    from rstar_jax.verify.sandbox import Sandbox
+
+    if not problems:
+        raise ValueError(f"{set_name}: no problems to evaluate")
+    missing = [m for m in spec.methods if m in NEEDS_REWARD_MODEL and not reward_dir]
+    if missing:
+        raise ValueError(f"method(s) {missing} need a reward model (--reward_model)")
+    os.makedirs(os.path.join(out_dir, "methods"), exist_ok=True)
+    cfg = search_config
+    base = baselines.BaselineConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                    max_step_tokens=cfg.max_step_tokens, max_context_tokens=cfg.max_context_tokens,
+                                    exec_timeout_s=cfg.exec_timeout_s, seed=cfg.seed, beam_width=spec.beam_width,
+                                    samples_per_beam=cfg.num_candidates, max_depth=cfg.max_depth)
+    ids = [p["id"] for p in problems]
+    difficulties = [p.get("difficulty") for p in problems]
+    max_n = max(spec.ns)
+    tokenizer, model = load_policy(policy_dir)
+    scorer = load_scorer(reward_dir, cfg.max_context_tokens) if reward_dir else None
+    rows = []
+
+    def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float) -> None:
+        rows.append(report.make_row(set_name, method, n, [selection.is_correct(t) for t in chosen], difficulties,
+                                    tokens, wall_s, bootstrap=spec.bootstrap, seed=cfg.seed))
+        progress(f"evaluate: {set_name} {method} N={n}: {100 * rows[-1]['accuracy']:.1f}%")
+
+    def digest(method: str, **extra) -> str:
+        return _digest(method, ids, policy_dir, reward_dir, dataclasses.asdict(base), extra)
+
+    with Sandbox(timeout_s=cfg.exec_timeout_s) as sandbox, Grader() as grader:
+        block = baselines.block_sampler(model, tokenizer)
+        if "greedy" in spec.methods:
+            raw = _cached(os.path.join(out_dir, "methods", "greedy.json"), digest("greedy"), lambda: {
+                "pools": baselines.greedy(block, tokenizer, problems, sandbox=sandbox, grader=grader,
+                                          config=base)}, progress)
+            add("greedy", 1, [pool[0] for pool in raw["pools"]], sum(p[0]["num_tokens"] for p in raw["pools"]),
+                raw["wall_s"])
+
+        wants = [m for m in ("majority", "best_of_n") if m in spec.methods]
+        if wants:  # one pool of max(N) samples for both, scored when best-of-N needs it
+            use_scorer = "best_of_n" in wants
+            raw = _cached(os.path.join(out_dir, "methods", "samples.json"), digest("samples", n=max_n,
+                                                                                   scored=use_scorer), lambda: {
+                "pools": baselines.sample_solutions(block, tokenizer, problems, max_n, sandbox=sandbox,
+                                                    grader=grader, scorer=scorer if use_scorer else None,
+                                                    config=base)}, progress)
+            total = max(sum(t["num_tokens"] for pool in raw["pools"] for t in pool), 1)
+            for n in spec.ns:
+                pools = [pool[:n] for pool in raw["pools"]]
+                tokens = sum(t["num_tokens"] for pool in pools for t in pool)
+                if "majority" in wants:
+                    add("majority", n, baselines.majority_vote(pools, grader=grader), tokens,
+                        raw["wall_s"] * tokens / total)
+                if "best_of_n" in wants:
+                    add("best_of_n", n, baselines.best_of_n(pools), tokens, raw["wall_s"] * tokens / total)
+
+        if "beam" in spec.methods:
+            raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), lambda: {
+                "pools": baselines.step_beam_search(Sampler.for_steps(model, tokenizer), tokenizer, problems,
+                                                    scorer=scorer, sandbox=sandbox, grader=grader, config=base)},
+                progress)
+            # Tokens of the finished trajectories (pruned branches are not counted).
+            add("beam", spec.beam_width, [pool[0] if pool else None for pool in raw["pools"]],
+                sum(t["num_tokens"] for pool in raw["pools"] for t in pool), raw["wall_s"])
+
+        if "mcts" in spec.methods:
+            mcts_cfg = dataclasses.replace(cfg, mode="inference", runs=max_n)
+            trees = os.path.join(out_dir, "mcts", "trees.jsonl")
+            os.makedirs(os.path.dirname(trees), exist_ok=True)
+            start = time.perf_counter()
+            driver = SearchDriver(mcts_cfg, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer,
+                                  progress=progress)
+            driver.run(list(problems), trees)
+            wall = time.perf_counter() - start  # this invocation's share when it resumed
+            runs = report.run_answers(read_tree_records(trees))
+            pools_all = [runs.get(pid, []) for pid in ids]
+            total = max(sum(t["num_tokens"] for pool in pools_all for t in pool), 1)
+            for n in spec.ns:
+                pools = [pool[:n] for pool in pools_all]
+                tokens = sum(t["num_tokens"] for pool in pools for t in pool)
+                for rule in spec.selections:
+                    params = {"k": spec.vote_top_k} if rule == "majority_of_top_k" else {}
+                    add(f"mcts/{rule}", n, selection.select(pools, rule, grader=grader, **params), tokens,
+                        wall * tokens / total)
+
+    summary = {"schema": report.SCHEMA, "set": set_name, "policy": policy_dir, "reward_model": reward_dir,
+               "search_config": dataclasses.asdict(cfg), "spec": dataclasses.asdict(spec), "problem_ids": ids,
+               "rows": rows}
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    table = report.markdown_table(rows)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# {set_name}: {len(problems)} problems\n\npolicy `{policy_dir}`, reward model `{reward_dir}`\n\n"
+                f"{table}\n")
+    if len(spec.ns) > 1:
+        from rstar_jax.eval import plots
+        plots.scaling_curve(rows, os.path.join(out_dir, "scaling.png"), title=set_name)
+    progress(table)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for name in ("problems", "policy", "out"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
+    try:
+        spec = EvalSpec(methods=tuple(FLAGS.methods), ns=tuple(int(n) for n in FLAGS.ns),
+                        selections=tuple(FLAGS.selections), vote_top_k=FLAGS.vote_top_k,
+                        beam_width=FLAGS.beam_width, bootstrap=FLAGS.bootstrap)
+    except ValueError as exc:
+        raise app.UsageError(f"--methods/--ns/--selections: {exc}") from None
+    if any(m in NEEDS_REWARD_MODEL for m in spec.methods) and not FLAGS.reward_model:
+        raise app.UsageError(f"--methods={','.join(spec.methods)} needs --reward_model (a PPM or ORM directory)")
+    multihost.initialize()
+    from experiments.search import load_problem_set
+    problems = load_problem_set(FLAGS.problems, FLAGS.limit)
+    set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]
+    evaluate(problems, set_name=set_name, policy_dir=FLAGS.policy, reward_dir=FLAGS.reward_model, out_dir=FLAGS.out,
+             spec=spec, search_config=search_flags.search_config(mode="inference"))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
