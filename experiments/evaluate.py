@@ -91,9 +91,11 @@ def _cached(path: str, digest: str, compute: Callable[[], dict], progress) -> di
 
 
 def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward_dir: str | None, out_dir: str,
-             spec: EvalSpec, search_config, progress: Callable[[str], None] = print) -> dict:
-    """Runs every method of `spec` and writes summary.json, report.md and scaling.png into out_dir."""
-    from experiments.search import load_scorer
+             spec: EvalSpec, search_config, mesh_shape: tuple[int, int, int] = (1, 1, 1),
+             progress: Callable[[str], None] = print) -> dict:
+    """Runs every method of `spec` and writes summary.json, report.md and scaling.png into out_dir (the
+    models on a mesh of this host's devices of `mesh_shape`)."""
+    from experiments.search import load_scorer, local_mesh
     from rstar_jax.eval import report, selection
     from rstar_jax.models.pretrained import load_policy
     from rstar_jax.sampling import Sampler
@@ -117,8 +119,9 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     ids = [p["id"] for p in problems]
     difficulties = [p.get("difficulty") for p in problems]
     max_n = max(spec.ns)
-    tokenizer, model = load_policy(policy_dir)
-    scorer = load_scorer(reward_dir, cfg.max_context_tokens) if reward_dir else None
+    mesh = local_mesh(mesh_shape)
+    tokenizer, model = load_policy(policy_dir, mesh=mesh)
+    scorer = load_scorer(reward_dir, cfg.max_context_tokens, mesh) if reward_dir else None
     rows = []
 
     def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float) -> None:
@@ -130,7 +133,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
         return _digest(method, ids, policy_dir, reward_dir, dataclasses.asdict(base), extra)
 
     with Sandbox(timeout_s=cfg.exec_timeout_s) as sandbox, Grader() as grader:
-        block = baselines.block_sampler(model, tokenizer)
+        block = baselines.block_sampler(model, tokenizer, mesh=mesh)
         if "greedy" in spec.methods:
             raw = _cached(os.path.join(out_dir, "methods", "greedy.json"), digest("greedy"), lambda: {
                 "pools": baselines.greedy(block, tokenizer, problems, sandbox=sandbox, grader=grader,
@@ -158,7 +161,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
 
         if "beam" in spec.methods:
             raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), lambda: {
-                "pools": baselines.step_beam_search(Sampler.for_steps(model, tokenizer), tokenizer, problems,
+                "pools": baselines.step_beam_search(Sampler.for_steps(model, tokenizer, mesh=mesh), tokenizer, problems,
                                                     scorer=scorer, sandbox=sandbox, grader=grader, config=base)},
                 progress)
             # Tokens of the finished trajectories (pruned branches are not counted).
@@ -171,7 +174,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
             os.makedirs(os.path.dirname(trees), exist_ok=True)
             start = time.perf_counter()
             driver = SearchDriver(mcts_cfg, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer,
-                                  progress=progress)
+                                  mesh=mesh, progress=progress)
             driver.run(list(problems), trees)
             wall = time.perf_counter() - start  # this invocation's share when it resumed
             runs = report.run_answers(read_tree_records(trees))
@@ -219,7 +222,8 @@ def main(argv):
     problems = load_problem_set(FLAGS.problems, FLAGS.limit)
     set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]
     evaluate(problems, set_name=set_name, policy_dir=FLAGS.policy, reward_dir=FLAGS.reward_model, out_dir=FLAGS.out,
-             spec=spec, search_config=search_flags.search_config(mode="inference"))
+             spec=spec, search_config=search_flags.search_config(mode="inference"),
+             mesh_shape=search_flags.search_mesh_shape())
 
 
 if __name__ == "__main__":

@@ -39,17 +39,33 @@ def load_problem_set(spec: str, limit: int = 0) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
-def load_scorer(hf_dir: str, max_tokens: int):
+def load_scorer(hf_dir: str, max_tokens: int, mesh=None):
     from rstar_jax.models.pretrained import load_reward_model
     from rstar_jax.search.scoring import Scorer
-    tokenizer, ppm = load_reward_model(hf_dir)
+    tokenizer, ppm = load_reward_model(hf_dir, mesh=mesh)
     return Scorer(ppm, lambda text: tokenizer.encode(text, add_special_tokens=False),
                   pad_id=tokenizer.pad_token_id or 0, max_tokens=max_tokens)
 
 
+def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):
+    """A mesh over this host's devices for search (None for one device: plain single-device arrays)."""
+    import jax
+    import numpy as np
+
+    from rstar_jax import parallel
+    if tuple(shape) == (1, 1, 1):
+        return None
+    devices = jax.local_devices()
+    if -1 not in shape:  # a fixed mesh smaller than the host uses its first devices
+        devices = devices[:int(np.prod(shape))]
+    return parallel.make_mesh(parallel.MeshConfig(*shape), devices=devices)
+
+
 def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | None, out_dir: str, *,
-               extract_config=None, progress=print, progress_every_s: float = 30.0) -> dict:
-    """Search this host's share of `problems` into `out_dir`, then (process 0) extract the training data."""
+               extract_config=None, progress=print, progress_every_s: float = 30.0,
+               mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> dict:
+    """Search this host's share of `problems` into `out_dir` (policy and PPM on a mesh of this host's devices
+    of `mesh_shape`), then (process 0) extract the training data."""
     import jax
 
     from rstar_jax import parallel
@@ -60,10 +76,11 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
     from rstar_jax.verify.sandbox import Sandbox
     os.makedirs(out_dir, exist_ok=True)
     name = "trees.jsonl" if jax.process_count() == 1 else f"trees.process_{jax.process_index()}.jsonl"
-    tokenizer, model = load_policy(policy_dir)
-    scorer = load_scorer(ppm_dir, config.max_context_tokens) if ppm_dir and config.uses_ppm else None
+    mesh = local_mesh(mesh_shape)
+    tokenizer, model = load_policy(policy_dir, mesh=mesh)
+    scorer = load_scorer(ppm_dir, config.max_context_tokens, mesh) if ppm_dir and config.uses_ppm else None
     with Sandbox(timeout_s=config.exec_timeout_s) as sandbox, Grader() as grader:
-        driver = SearchDriver(config, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer,
+        driver = SearchDriver(config, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer, mesh=mesh,
                               progress=progress, progress_every_s=progress_every_s)
         stats = driver.run(parallel.host_shard(problems), os.path.join(out_dir, name))
     if jax.process_count() > 1:
@@ -91,7 +108,7 @@ def main(argv):
     problems = load_problem_set(FLAGS.problems, FLAGS.limit)
     stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
                        extract_config=search_flags.extract_config() if FLAGS.extract else None,
-                       progress_every_s=FLAGS.progress_every_s)
+                       progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape())
     print(json.dumps({**stats, "total_s": round(time.perf_counter() - start, 1)}, default=str))
 
 

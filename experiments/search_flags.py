@@ -66,6 +66,16 @@ def define() -> None:
     """Called by the programs' main only, so modules importing each other never define a flag twice."""
     _define(SearchConfig)
     _define(ExtractConfig, skip=("seed",))  # extraction shares --seed
+    flags.DEFINE_list("search_mesh", ["1", "1", "1"], "data,fsdp,tensor mesh of this host's devices for the policy "
+                      "and PPM in search and evaluation (-1: the rest; without -1 the first devices); each host searches its own "
+                      "share of the problems")
+
+
+def search_mesh_shape() -> tuple[int, int, int]:
+    values = flags.FLAGS.search_mesh
+    if len(values) != 3:
+        raise ValueError(f"--search_mesh needs 3 sizes (data,fsdp,tensor), got {values}")
+    return tuple(int(v) for v in values)
 
 
 def search_config(**overrides) -> SearchConfig:

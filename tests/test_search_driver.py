@@ -171,3 +171,13 @@ def test_stream_ids_depend_on_the_tree_and_node_only():
 def test_step_budgets_shrink_near_the_context_limit_per_row():
     groups = step_budgets({0: 100, 1: 4000, 2: 4090, 3: 3000}, max_step_tokens=2048, max_context_tokens=4096)
     assert groups == {2048: [0], 64: [1], 4: [2], 1024: [3]}
+
+
+def test_search_on_a_device_mesh_matches_one_device(models, terminal_run, tmp_path):
+    """Policy sharded over data x tensor (4 of the 8 fake devices): the same trees as on one device."""
+    out, _ = terminal_run
+    run_search(SearchConfig(mode="terminal", **SMALL), models["problems"][:2], models["policy"], None, str(tmp_path),
+               progress=lambda s: None, mesh_shape=(2, 1, 2))
+    one = {r.problem_id: r.to_dict() for r in _records(out / "trees.jsonl")}
+    for r in _records(tmp_path / "trees.jsonl"):
+        assert r.to_dict() == one[r.problem_id]
