@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 GIB = 2**30
 
@@ -46,20 +47,36 @@ def _split(n: int, ways: int) -> int:
     return -(-n // ways)
 
 
-def memory_plan(model_config, mesh, *, search_trees: int, num_candidates: int, max_context_tokens: int,
-                max_step_tokens: int, train_batch: int, train_seq: int, microbatches: int = 1,
-                compute_dtype: str = "bfloat16", remat: bool = False, optim=None) -> list[MemoryItem]:
+def search_memory(model_config, mesh, *, trees: int, num_candidates: int, max_context_tokens: int,
+                  max_step_tokens: int) -> list[MemoryItem]:
+    """The policy's parameters and the KV cache of one lock-step expansion of `trees` trees."""
+    import jax
+
+    cfg = model_config
+    with jax.set_mesh(mesh):
+        policy = _sharded_bytes(_abstract_params(cfg), mesh, cfg.jnp_dtype.itemsize)
+    tp = mesh.shape["tensor"]
+    kv_heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
+    slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize  # K and V of one token
+    per_device = _split(trees, mesh.shape["data"] * mesh.shape["fsdp"])
+    cache = slot * per_device * (max_context_tokens + num_candidates * max_step_tokens)
+    return [MemoryItem("search", f"policy parameters ({cfg.dtype})", policy),
+            MemoryItem("search", f"KV cache: {per_device} trees x ({max_context_tokens} context + {num_candidates} x "
+                                 f"{max_step_tokens} step) slots", cache)]
+
+
+def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: int = 1,
+                    compute_dtype: str = "bfloat16", remat: bool = False, optim=None, reward_model: bool = False,
+                    stage: str = "training") -> list[MemoryItem]:
+    """fp32 master parameters, AdamW state, fp32 gradients, and one microbatch's activations and (policy)
+    logits. A reward model's example is a pair: two sequences per row, a value head instead of logits."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from rstar_jax.models import Qwen2
     from rstar_jax.train.optim import OptimConfig, make_optimizer
     cfg = model_config
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
+    params = _abstract_params(cfg)
     with jax.set_mesh(mesh):
-        policy = _sharded_bytes(params, mesh, cfg.jnp_dtype.itemsize)
         master = _sharded_bytes(params, mesh, 4)
     # The abstract optimizer state: copies of the parameters (AdamW's mu and nu, sharded like them) plus
     # replicated scalars (step counts).
@@ -70,45 +87,61 @@ def memory_plan(model_config, mesh, *, search_trees: int, num_candidates: int, m
         x.shape for x in jax.tree.leaves(fp32))))
     scalars = sum(x.dtype.itemsize for x in opt_leaves if not x.shape)
 
-    rows_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     tp = mesh.shape["tensor"]
-    kv_heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
-    slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize  # K and V of one token
-    trees = _split(search_trees, rows_ways)
-    cache = slot * trees * (max_context_tokens + num_candidates * max_step_tokens)
-
     act_bytes = jnp.dtype(compute_dtype).itemsize
-    rows = _split(max(train_batch // microbatches, 1), rows_ways)
-    tokens = rows * train_seq
-    per_layer = tokens * (17 * cfg.hidden_size + 2.5 * cfg.num_heads * train_seq) / tp * act_bytes
+    rows = _split(max(batch // microbatches, 1), mesh.shape["data"] * mesh.shape["fsdp"]) * (2 if reward_model else 1)
+    tokens = rows * seq
+    per_layer = tokens * (17 * cfg.hidden_size + 2.5 * cfg.num_heads * seq) / tp * act_bytes
     layer_inputs = tokens * cfg.hidden_size * act_bytes
     activations = cfg.num_layers * layer_inputs + per_layer if remat else cfg.num_layers * per_layer
     vocab_ways = tp if cfg.vocab_size % tp == 0 else 1
     logits = 2 * tokens * cfg.vocab_size * 4 / vocab_ways  # fp32 logits and their gradient
-    return [
-        MemoryItem("search", f"policy parameters ({cfg.dtype})", policy),
-        MemoryItem("search", f"KV cache: {trees} trees x ({max_context_tokens} context + {num_candidates} x "
-                             f"{max_step_tokens} step) slots", cache),
-        MemoryItem("training", "master parameters (fp32)", master),
-        MemoryItem("training", f"optimizer state (AdamW, {copies} fp32 values per parameter)",
-                   copies * master + scalars),
-        MemoryItem("training", "gradients (fp32)", master),
-        MemoryItem("training", f"activations: {rows} rows x {train_seq} tokens, {compute_dtype}"
-                               f"{', remat' if remat else ''} (estimate)", round(activations), exact=False),
-        MemoryItem("training", f"logits and their gradient (fp32, vocab {cfg.vocab_size})", round(logits)),
+    items = [
+        MemoryItem(stage, "master parameters (fp32)", master),
+        MemoryItem(stage, f"optimizer state (AdamW, {copies} fp32 values per parameter)", copies * master + scalars),
+        MemoryItem(stage, "gradients (fp32)", master),
+        MemoryItem(stage, f"activations: {rows} rows x {seq} tokens, {compute_dtype}{', remat' if remat else ''} "
+                          "(estimate)", round(activations), exact=False),
     ]
+    if not reward_model:
+        items.append(MemoryItem(stage, f"logits and their gradient (fp32, vocab {cfg.vocab_size})", round(logits)))
+    return items
 
 
-def format_plan(items: list[MemoryItem], mesh, device_memory_gib: float | None = None) -> str:
+def _abstract_params(cfg):
+    from flax import nnx
+
+    from rstar_jax.models import Qwen2
+    return nnx.state(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def format_plan(stage: str, items: list[MemoryItem], mesh, device_memory_gib: float | None = None) -> str:
+    """One stage's items per device, with the total and whether it fits in `device_memory_gib`."""
     shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
-    lines = [f"per-device memory on a mesh of {mesh.devices.size} devices ({shape}):"]
-    for stage in ("search", "training"):
-        part = [i for i in items if i.stage == stage]
-        lines.append(f"  {stage}:")
-        lines += [f"    {i.bytes_per_device / GIB:9.2f} GiB  {i.what}" for i in part]
-        total = sum(i.bytes_per_device for i in part) / GIB
-        verdict = ""
-        if device_memory_gib:
-            verdict = " (fits)" if total <= device_memory_gib else f" (does NOT fit in {device_memory_gib:g} GiB)"
-        lines.append(f"    {total:9.2f} GiB  total{verdict}")
+    lines = [f"{stage}: per device on a mesh of {mesh.devices.size} devices ({shape})"]
+    lines += [f"  {i.bytes_per_device / GIB:9.2f} GiB  {i.what}" for i in items]
+    total = sum(i.bytes_per_device for i in items) / GIB
+    verdict = ""
+    if device_memory_gib:
+        verdict = " (fits)" if total <= device_memory_gib else f" (does NOT fit in {device_memory_gib:g} GiB)"
+    lines.append(f"  {total:9.2f} GiB  total{verdict}")
     return "\n".join(lines)
+
+
+def use_fake_devices(count: int) -> None:
+    """Makes JAX see `count` CPU devices; must run before anything asks JAX for its devices."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                       if not f.startswith("--xla_force_host_platform_device_count")) + \
+        f" --xla_force_host_platform_device_count={count}"
+    import jax
+    if jax.device_count() < count:
+        raise RuntimeError(f"--dry_run needs {count} fake devices but JAX already started with {jax.device_count()}")
+
+
+def mesh_over(shape, count: int):
+    """A mesh of `shape` (data, fsdp, tensor; -1 fills) over the first `count` devices."""
+    import jax
+
+    from rstar_jax import parallel
+    return parallel.make_mesh(parallel.MeshConfig(*shape), devices=jax.devices()[:count])
