@@ -26,7 +26,7 @@ from experiments import multihost, search_flags, stages, train_common
 FLAGS = flags.FLAGS
 # Flags that do not change results: they may differ between invocations on one run directory.
 _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every", "sft_profile_start",
-               "ppm_profile_start", "dry_run")
+               "ppm_profile_start", "dry_run", "dry_run_devices", "device_memory_gib", "model_preset", "search_mesh")
 
 
 def define_flags() -> None:
@@ -49,7 +49,19 @@ def define_flags() -> None:
     flags.DEFINE_integer("miniature_base_steps", 400, "miniature: SFT steps of the base model")
     flags.DEFINE_integer("miniature_seed", 0, "miniature: seed of the problems, the teacher and the base model")
     flags.DEFINE_integer("eval_max_problems", 0, "evaluate on at most N problems (0 = all)")
+    flags.DEFINE_list("eval_methods", ["greedy"], "evaluation of the round's policy (the base model: its greedy and "
+                      "majority only): greedy, majority, best_of_n, beam, mcts (with the round's PPM)")
+    flags.DEFINE_list("eval_ns", ["1"], "evaluation N: samples (majority, best_of_n) and searches (mcts)")
+    flags.DEFINE_integer("eval_num_candidates", 0, "evaluation MCTS candidates per step (0 = --num_candidates)")
+    flags.DEFINE_integer("eval_rollouts", 0, "evaluation MCTS rollouts per search (0 = --rollouts)")
     flags.DEFINE_float("progress_every_s", 30.0, "seconds between search progress lines")
+    flags.DEFINE_bool("dry_run", False, "print the per-device memory plan of search and training on the target "
+                      "mesh (fake CPU devices, abstract arrays) and exit; nothing is written")
+    flags.DEFINE_integer("dry_run_devices", 8, "--dry_run: devices of the target (training mesh; the search mesh is "
+                         "per host)")
+    flags.DEFINE_float("device_memory_gib", 0.0, "--dry_run: memory per device, to say whether each stage fits")
+    flags.DEFINE_string("model_preset", None, "--dry_run: the base model's shapes (rstar_jax.models PRESETS) when its "
+                        "directory is not there yet")
 
 
 # ---- the miniature ---------------------------------------------------------------------------------
@@ -87,39 +99,82 @@ def _problems(spec: str, miniature_file: str) -> list[dict]:
     return load_problem_set(miniature_file if spec == "miniature" else spec)
 
 
-def evaluate(stage_dir: str, models: dict[str, str], problems: list[dict]) -> dict:
-    """Greedy (System 1) accuracy of each model, overall and per difficulty; report.md."""
-    import collections
+def _eval_spec(methods) -> "EvalSpec":
+    from experiments.evaluate import EvalSpec
+    try:
+        return EvalSpec(methods=tuple(methods), ns=tuple(int(n) for n in FLAGS.eval_ns))
+    except ValueError as e:
+        raise SystemExit(f"experiments.round: --eval_methods/--eval_ns: {e}") from None
 
-    from rstar_jax.models.pretrained import load_policy
-    from rstar_jax.search import baselines
-    from rstar_jax.verify.grader import Grader
-    from rstar_jax.verify.sandbox import Sandbox
-    if FLAGS.eval_max_problems:
-        problems = problems[:FLAGS.eval_max_problems]
-    config = baselines.BaselineConfig(max_step_tokens=FLAGS.max_step_tokens,
-                                      max_context_tokens=FLAGS.max_context_tokens, exec_timeout_s=FLAGS.exec_timeout_s)
-    results = {}
-    with Sandbox(timeout_s=FLAGS.exec_timeout_s) as sandbox, Grader() as grader:
-        for name, hf_dir in models.items():
-            tokenizer, model = load_policy(hf_dir)
-            sampler = baselines.block_sampler(model, tokenizer)
-            out = baselines.greedy(sampler, tokenizer, problems, sandbox=sandbox, grader=grader, config=config)
-            by_difficulty = collections.defaultdict(list)
-            for problem, trajectories in zip(problems, out):
-                by_difficulty[problem.get("difficulty", "all")].append(bool(trajectories[0]["correct"]))
-            results[name] = {"greedy": sum(map(sum, by_difficulty.values())) / max(len(problems), 1),
-                             "greedy_by_difficulty": {str(d): sum(v) / len(v)
-                                                      for d, v in sorted(by_difficulty.items())}}
-    columns = list(results[next(iter(results))]["greedy_by_difficulty"])
-    lines = ["| model | greedy | " + " | ".join(f"d={d}" for d in columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for name, r in results.items():
-        lines.append(f"| {name} | {100 * r['greedy']:.1f}% | " + " | ".join(
-            f"{100 * v:.0f}%" for v in r["greedy_by_difficulty"].values()) + " |")
-    with open(os.path.join(stage_dir, "report.md"), "w") as f:
-        f.write(f"# Round {FLAGS.round}: greedy accuracy on {len(problems)} problems\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
-    return results
+
+def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str | None, methods) -> dict:
+    """`experiments.evaluate` of one model on the evaluation set; the rows are the stage's summary."""
+    from experiments.evaluate import evaluate
+    config = search_flags.search_config(mode="inference", num_candidates=FLAGS.eval_num_candidates or
+                                        FLAGS.num_candidates, rollouts=FLAGS.eval_rollouts or FLAGS.rollouts,
+                                        max_rollouts_unsolved=0)
+    summary = evaluate(problems, set_name=os.path.basename(FLAGS.eval_problems), policy_dir=policy, reward_dir=ppm,
+                       out_dir=stage_dir, spec=_eval_spec(methods), search_config=config,
+                       mesh_shape=search_flags.search_mesh_shape())
+    return {"rows": [{k: v for k, v in r.items() if k != "correct"} for r in summary["rows"]]}
+
+
+def coverage_by_difficulty(search_dir: str, problems: list[dict]) -> dict[str, float]:
+    """Fraction of the pool's problems with a correct trajectory in the round's search, per difficulty."""
+    import collections
+    difficulty = {p["id"]: str(p.get("difficulty", "all")) for p in problems}
+    solved = collections.defaultdict(list)
+    with open(os.path.join(search_dir, "extracted", "buckets.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            solved[difficulty.get(row["id"], "all")].append(row["correct"] > 0)
+    total = [ok for v in solved.values() for ok in v]
+    return {"all": sum(total) / max(len(total), 1), **{d: sum(v) / len(v) for d, v in sorted(solved.items())}}
+
+
+def _best(rows: list[dict], method: str) -> float | None:
+    """Accuracy of `method` at its largest N (None when not evaluated)."""
+    rows = [r for r in rows if r["method"] == method]
+    return max(rows, key=lambda r: r["n"])["accuracy"] if rows else None
+
+
+def round_report(run_dir: str, k: int) -> str:
+    """report.md and plots of rounds 0 (the base model) .. k from the stages' summaries in the run directory."""
+    from rstar_jax.eval import plots
+    rounds = [_load_done(os.path.join(run_dir, "base_eval"))] + [
+        _load_done(os.path.join(run_dir, f"round_{j}", "eval")) for j in range(1, k + 1)]
+    coverage = [None] + [_load_done(os.path.join(run_dir, f"round_{j}", "search")).get("coverage_by_difficulty")
+                         for j in range(1, k + 1)]
+    methods = list(dict.fromkeys(r["method"] for summary in rounds if summary for r in summary["rows"]))
+    series = {m: [_best(s["rows"], m) if s else None for s in rounds] for m in methods}
+    out_dir = os.path.join(run_dir, f"round_{k}", "eval")
+    plots.per_round(series, os.path.join(out_dir, "accuracy_per_round.png"), ylabel="accuracy (%)",
+                    title="evaluation accuracy per round (largest N)")
+    difficulties = sorted({d for c in coverage if c for d in c}, key=lambda d: (d != "all", d))
+    plots.per_round({f"d={d}" if d != "all" else "all": [c.get(d) if c else None for c in coverage]
+                     for d in difficulties}, os.path.join(out_dir, "coverage_per_round.png"),
+                    ylabel="pool problems solved (%)", title="search coverage per round")
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
+    lines = [f"# Run {run_dir}: rounds 0-{k}", "", "Accuracy on the evaluation set (largest N of each method; "
+             "round 0 = the base model), and the search's coverage of the training pool.", "",
+             "| round | " + " | ".join(methods) + " | coverage |", "|---|" + "---|" * (len(methods) + 1)]
+    for j, summary in enumerate(rounds):
+        cov = coverage[j].get("all") if coverage[j] else None
+        lines.append(f"| {j} | " + " | ".join(pct(series[m][j]) for m in methods) + f" | {pct(cov)} |")
+    lines += ["", "![accuracy](accuracy_per_round.png) ![coverage](coverage_per_round.png)", "",
+              f"Per-method tables: `base_eval/report.md`, `round_<k>/eval/report.md`."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "rounds.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _load_done(stage_dir: str) -> dict | None:
+    path = os.path.join(stage_dir, stages.DONE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_round() -> dict:
@@ -146,9 +201,17 @@ def run_round() -> dict:
         stages.run_stage("miniature base model", mini_base, lambda d: miniature_base(mini_data, d))
     problems = _problems(FLAGS.problems, os.path.join(mini_data, "pool.jsonl"))
     problems = problems[:FLAGS.limit] if FLAGS.limit else problems
-    search = stages.run_stage("search", os.path.join(here, "search"), lambda d: run_search(
-        config, problems, policy, ppm, d, extract_config=search_flags.extract_config(),
-        progress_every_s=FLAGS.progress_every_s))
+    def search_stage(d: str) -> dict:
+        stats = run_search(config, problems, policy, ppm, d, extract_config=search_flags.extract_config(),
+                           progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape())
+        stats["coverage_by_difficulty"] = coverage_by_difficulty(d, problems)
+        if not stats["extracted"]["sft"]:  # the trees stay on disk; rerunning after a fix skips this search
+            raise SystemExit(f"experiments.round: round {k}'s search solved none of the {len(problems)} pool "
+                             f"problems (no correct trajectory, so no training data): use a stronger --policy, "
+                             f"more --rollouts / --max_rollouts_unsolved, or easier --problems; trees in {d}")
+        return stats
+
+    search = stages.run_stage("search", os.path.join(here, "search"), search_stage)
     extracted = os.path.join(here, "search", "extracted")
     stages.run_stage("policy SFT", os.path.join(here, "policy"), lambda d: train_common.run_training(
         "sft", train_common.config_from_flags("sft_", init_hf_dir=base, out_dir=d,
@@ -157,10 +220,61 @@ def run_round() -> dict:
         "ppm", train_common.config_from_flags("ppm_", init_hf_dir=os.path.join(here, "policy", "hf"), out_dir=d,
                                               train_records=(os.path.join(extracted, "pairs.jsonl"),))))
     eval_problems = _problems(FLAGS.eval_problems, os.path.join(mini_data, "eval.jsonl"))
-    models = {"base": base, f"policy r{k}": os.path.join(here, "policy", "hf")}
-    results = stages.run_stage("evaluation", os.path.join(here, "eval"),
-                               lambda d: evaluate(d, models, eval_problems))
+    if FLAGS.eval_max_problems:
+        eval_problems = eval_problems[:FLAGS.eval_max_problems]
+    base_methods = [m for m in FLAGS.eval_methods if m in ("greedy", "majority")] or ["greedy"]
+    stages.run_stage("base model evaluation", os.path.join(run_dir, "base_eval"), lambda d: evaluate_model(
+        d, eval_problems, base, None, base_methods))
+    results = stages.run_stage("evaluation", os.path.join(here, "eval"), lambda d: evaluate_model(
+        d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods))
+    print(round_report(run_dir, k), flush=True)
     return {"search": search, "eval": results}
+
+
+# ---- --dry_run ------------------------------------------------------------------------------------------
+
+def _base_model_config():
+    """The base model's shapes: its config.json when the directory exists, else --model_preset."""
+    from rstar_jax.models import from_hf_config, preset
+    if FLAGS.base_model == "miniature":
+        return preset("tiny")
+    if os.path.isfile(os.path.join(FLAGS.base_model, "config.json")):
+        cfg = from_hf_config(FLAGS.base_model)
+        if FLAGS.model_preset and preset(FLAGS.model_preset).replace(dtype=cfg.dtype) != cfg:
+            print(f"warning: --model_preset={FLAGS.model_preset} differs from {FLAGS.base_model}/config.json; "
+                  "using the checkpoint's shapes", flush=True)
+        return cfg
+    if not FLAGS.model_preset:
+        raise SystemExit(f"experiments.round --dry_run: --base_model={FLAGS.base_model} has no config.json; give "
+                         "--model_preset for its shapes")
+    return preset(FLAGS.model_preset)
+
+
+def dry_run() -> str:
+    """The per-device memory plan of the round's search, evaluation search and training stages."""
+    import math
+
+    from experiments import dry_run as dr
+    count = FLAGS.dry_run_devices
+    dr.use_fake_devices(count)
+    cfg = _base_model_config()
+    gib = FLAGS.device_memory_gib or None
+    shape = search_flags.search_mesh_shape()
+    search_mesh = dr.mesh_over(shape, count if -1 in shape else math.prod(shape))
+    parts = [f"dry run of round {FLAGS.round}: {cfg.num_params() / 1e9:.2f}B parameters ({cfg.dtype}), "
+             f"{count} devices"]
+    for name, n in (("search", FLAGS.num_candidates), ("evaluation search", FLAGS.eval_num_candidates or
+                                                          FLAGS.num_candidates)):
+        parts.append(dr.format_plan(f"{name} (each host, {FLAGS.batch_size} trees, n={n})", dr.search_memory(
+            cfg, search_mesh, trees=FLAGS.batch_size, num_candidates=n, max_context_tokens=FLAGS.max_context_tokens,
+            max_step_tokens=FLAGS.max_step_tokens), search_mesh, gib))
+    for prefix, name in (("sft_", "policy SFT"), ("ppm_", "PPM training")):
+        t = train_common.config_from_flags(prefix)
+        mesh = dr.mesh_over(tuple(int(v) for v in t.mesh), count)
+        parts.append(dr.format_plan(f"{name} (batch {t.batch_size} x {t.max_len} tokens)", dr.training_memory(
+            cfg, mesh, batch=t.batch_size, seq=t.max_len, microbatches=t.microbatches, compute_dtype=t.compute_dtype,
+            remat=t.remat, reward_model=prefix == "ppm_", stage=name), mesh, gib))
+    return "\n".join(parts)
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -173,10 +287,13 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.run_dir:
+    if not FLAGS.run_dir and not FLAGS.dry_run:
         raise app.UsageError("--run_dir is required")
     if not 1 <= FLAGS.round <= 4:
         raise app.UsageError(f"--round must be 1..4, got {FLAGS.round}")
+    if FLAGS.dry_run:
+        print(dry_run())
+        return
     multihost.initialize()
     ours = {name: FLAGS[name].value for module in ("experiments.round", "experiments.search_flags",
                                                    "experiments.train_common", "__main__")
