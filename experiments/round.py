@@ -16,6 +16,7 @@ directory; a later invocation with different result-shaping flags is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -26,7 +27,9 @@ from experiments import multihost, search_flags, stages, train_common
 FLAGS = flags.FLAGS
 # Flags that do not change results: they may differ between invocations on one run directory.
 _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every", "sft_profile_start",
-               "ppm_profile_start", "dry_run", "dry_run_devices", "device_memory_gib", "model_preset", "search_mesh")
+               "ppm_profile_start", "sft_profile_steps", "ppm_profile_steps", "search_profile_start",
+               "search_profile_iterations", "profile", "dry_run", "dry_run_devices", "device_memory_gib", "model_preset",
+               "search_mesh")
 
 
 def define_flags() -> None:
@@ -55,6 +58,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_num_candidates", 0, "evaluation MCTS candidates per step (0 = --num_candidates)")
     flags.DEFINE_integer("eval_rollouts", 0, "evaluation MCTS rollouts per search (0 = --rollouts)")
     flags.DEFINE_float("progress_every_s", 30.0, "seconds between search progress lines")
+    flags.DEFINE_bool("profile", False, "profiler traces of search iterations 2-4 (round_<k>/search/profile) and of "
+                      "training steps 2-4 (round_<k>/{policy,ppm}/profile), unless their own flags say otherwise")
     flags.DEFINE_bool("dry_run", False, "print the per-device memory plan of search and training on the target "
                       "mesh (fake CPU devices, abstract arrays) and exit; nothing is written")
     flags.DEFINE_integer("dry_run_devices", 8, "--dry_run: devices of the target (training mesh; the search mesh is "
@@ -202,8 +207,10 @@ def run_round() -> dict:
     problems = _problems(FLAGS.problems, os.path.join(mini_data, "pool.jsonl"))
     problems = problems[:FLAGS.limit] if FLAGS.limit else problems
     def search_stage(d: str) -> dict:
+        start, iterations = search_flags.search_profile()
         stats = run_search(config, problems, policy, ppm, d, extract_config=search_flags.extract_config(),
-                           progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape())
+                           progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
+                           profile=(2 if FLAGS.profile and start < 0 else start, iterations))
         stats["coverage_by_difficulty"] = coverage_by_difficulty(d, problems)
         if not stats["extracted"]["sft"]:  # the trees stay on disk; rerunning after a fix skips this search
             raise SystemExit(f"experiments.round: round {k}'s search solved none of the {len(problems)} pool "
@@ -213,12 +220,15 @@ def run_round() -> dict:
 
     search = stages.run_stage("search", os.path.join(here, "search"), search_stage)
     extracted = os.path.join(here, "search", "extracted")
-    stages.run_stage("policy SFT", os.path.join(here, "policy"), lambda d: train_common.run_training(
-        "sft", train_common.config_from_flags("sft_", init_hf_dir=base, out_dir=d,
-                                              train_records=(os.path.join(extracted, "sft.jsonl"),))))
-    stages.run_stage("PPM", os.path.join(here, "ppm"), lambda d: train_common.run_training(
-        "ppm", train_common.config_from_flags("ppm_", init_hf_dir=os.path.join(here, "policy", "hf"), out_dir=d,
-                                              train_records=(os.path.join(extracted, "pairs.jsonl"),))))
+    def training(prefix: str, **settings) -> train_common.TrainStageConfig:
+        cfg = train_common.config_from_flags(prefix, **settings)
+        return dataclasses.replace(cfg, profile_start=2) if FLAGS.profile and cfg.profile_start < 0 else cfg
+
+    stages.run_stage("policy SFT", os.path.join(here, "policy"), lambda d: train_common.run_training("sft", training(
+        "sft_", init_hf_dir=base, out_dir=d, train_records=(os.path.join(extracted, "sft.jsonl"),))))
+    stages.run_stage("PPM", os.path.join(here, "ppm"), lambda d: train_common.run_training("ppm", training(
+        "ppm_", init_hf_dir=os.path.join(here, "policy", "hf"), out_dir=d,
+        train_records=(os.path.join(extracted, "pairs.jsonl"),))))
     eval_problems = _problems(FLAGS.eval_problems, os.path.join(mini_data, "eval.jsonl"))
     if FLAGS.eval_max_problems:
         eval_problems = eval_problems[:FLAGS.eval_max_problems]

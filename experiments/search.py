@@ -63,9 +63,10 @@ def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):
 
 def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | None, out_dir: str, *,
                extract_config=None, progress=print, progress_every_s: float = 30.0,
-               mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> dict:
+               mesh_shape: tuple[int, int, int] = (1, 1, 1), profile: tuple[int, int] = (-1, 3)) -> dict:
     """Search this host's share of `problems` into `out_dir` (policy and PPM on a mesh of this host's devices
-    of `mesh_shape`), then (process 0) extract the training data."""
+    of `mesh_shape`), then (process 0) extract the training data. `profile`: (first iteration, iterations)
+    of a profiler trace into out_dir/profile (-1: none)."""
     import jax
 
     from rstar_jax import parallel
@@ -81,7 +82,9 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
     scorer = load_scorer(ppm_dir, config.max_context_tokens, mesh) if ppm_dir and config.uses_ppm else None
     with Sandbox(timeout_s=config.exec_timeout_s) as sandbox, Grader() as grader:
         driver = SearchDriver(config, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer, mesh=mesh,
-                              progress=progress, progress_every_s=progress_every_s)
+                              progress=progress, progress_every_s=progress_every_s,
+                              profile_dir=os.path.join(out_dir, "profile"), profile_start=profile[0],
+                              profile_iterations=profile[1])
         stats = driver.run(parallel.host_shard(problems), os.path.join(out_dir, name))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -108,7 +111,8 @@ def main(argv):
     problems = load_problem_set(FLAGS.problems, FLAGS.limit)
     stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
                        extract_config=search_flags.extract_config() if FLAGS.extract else None,
-                       progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape())
+                       progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
+                       profile=search_flags.search_profile())
     print(json.dumps({**stats, "total_s": round(time.perf_counter() - start, 1)}, default=str))
 
 

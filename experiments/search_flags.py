@@ -69,6 +69,14 @@ def define() -> None:
     flags.DEFINE_list("search_mesh", ["1", "1", "1"], "data,fsdp,tensor mesh of this host's devices for the policy "
                       "and PPM in search and evaluation (-1: the rest; without -1 the first devices); each host searches its own "
                       "share of the problems")
+    flags.DEFINE_integer("search_profile_start", -1, "write a jax.profiler trace of search iterations from this one "
+                         "(into <search output>/profile; phases annotated: select, generate, execute, grade, score, "
+                         "backup); -1: off")
+    flags.DEFINE_integer("search_profile_iterations", 3, "search iterations in the profiler trace")
+
+
+def search_profile() -> tuple[int, int]:
+    return flags.FLAGS.search_profile_start, flags.FLAGS.search_profile_iterations
 
 
 def search_mesh_shape() -> tuple[int, int, int]:

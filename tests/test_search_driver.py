@@ -1,4 +1,5 @@
 """The search stage end to end: a real tiny policy (and PPM), the real sampler, sandbox and grader."""
+import glob
 import json
 import os
 import random
@@ -181,3 +182,13 @@ def test_search_on_a_device_mesh_matches_one_device(models, terminal_run, tmp_pa
     one = {r.problem_id: r.to_dict() for r in _records(out / "trees.jsonl")}
     for r in _records(tmp_path / "trees.jsonl"):
         assert r.to_dict() == one[r.problem_id]
+
+
+def test_a_profiler_window_traces_the_annotated_phases(models, tmp_path):
+    run_search(SearchConfig(mode="terminal", **SMALL), models["problems"][:1], models["policy"], None, str(tmp_path),
+               progress=lambda s: None, profile=(1, 2))
+    traces = glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    assert len(traces) == 1
+    data = open(traces[0], "rb").read()
+    for phase in ("select", "generate", "execute", "backup"):
+        assert f"search/{phase}".encode() in data, phase

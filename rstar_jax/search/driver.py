@@ -13,6 +13,7 @@ writes the same trees as an uninterrupted one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -122,7 +123,8 @@ class SearchDriver:
 
     def __init__(self, config: SearchConfig, model, tokenizer, *, sandbox: Sandbox, grader: Grader,
                  scorer: Scorer | None = None, mesh=None, progress: Callable[[str], None] = print,
-                 progress_every_s: float = 10.0):
+                 progress_every_s: float = 10.0, profile_dir: str | None = None, profile_start: int = -1,
+                 profile_iterations: int = 3):
         if config.uses_ppm and scorer is None:
             raise ValueError(f"mode {config.mode!r} needs a reward model to score steps (scorer)")
         self.config, self.tokenizer, self.sandbox, self.grader, self.scorer = config, tokenizer, sandbox, grader, scorer
@@ -130,6 +132,8 @@ class SearchDriver:
         self.sampling = SamplingConfig(max_new_tokens=config.max_step_tokens, temperature=config.temperature,
                                        top_p=config.top_p, top_k=config.top_k)
         self.progress, self.progress_every_s = progress, progress_every_s
+        # A jax.profiler trace of iterations profile_start .. + profile_iterations - 1 (phases annotated).
+        self.profile_dir, self.profile_start, self.profile_iterations = profile_dir, profile_start, profile_iterations
         self.times = collections.Counter()
         n = config.num_candidates
         self._select = jax.jit(functools.partial(select.select, score_fn=select.uct(config.c, config.unvisited),
@@ -156,7 +160,8 @@ class SearchDriver:
         slots: list[_Slot | None] = [None] * b
         cursor, rollouts, limit = np.full(b, -1, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
         start, last_report, done, expansions, finished_rollouts = time.perf_counter(), time.perf_counter(), 0, 0, 0
-        with open(out_path, "a") as out:
+        iteration = 0
+        with open(out_path, "a") as out, contextlib.ExitStack() as self._profiling:
             while True:
                 fresh = np.zeros(b, bool)
                 for i in range(b):
@@ -166,17 +171,17 @@ class SearchDriver:
                         cursor[i], rollouts[i], fresh[i] = 0, 0, True
                 if not any(s is not None for s in slots):
                     break
-                t = time.perf_counter()
-                if fresh.any():
-                    tree = self._reset(tree, jnp.asarray(fresh))
+                self._profile_window(iteration)
                 for i, slot in enumerate(slots):
                     limit[i] = cfg.rollouts if slot is None or slot.solved or cfg.mode == "inference" \
                         else cfg.rollout_cap
-                tree, leaf, rollouts_done = self._select(tree, jnp.asarray(cursor), jnp.asarray(rollouts),
-                                                         jnp.asarray(limit))
-                leaf, rollouts = np.asarray(leaf), np.array(rollouts_done)
+                with self._phase("tree", "select"):
+                    if fresh.any():
+                        tree = self._reset(tree, jnp.asarray(fresh))
+                    tree, leaf, rollouts_done = self._select(tree, jnp.asarray(cursor), jnp.asarray(rollouts),
+                                                             jnp.asarray(limit))
+                    leaf, rollouts = np.asarray(leaf), np.array(rollouts_done)
                 cursor = leaf.copy()
-                self.times["tree"] += time.perf_counter() - t
                 for i, slot in enumerate(slots):
                     if slot is not None and leaf[i] < 0:
                         self._write(out, tree, i, slot, int(rollouts[i]))
@@ -184,6 +189,7 @@ class SearchDriver:
                 if (leaf >= 0).any():
                     tree = self._expand_leaves(tree, leaf, slots)
                     expansions += int((leaf >= 0).sum())
+                iteration += 1
                 now = time.perf_counter()
                 if now - last_report >= self.progress_every_s:
                     last_report = now
@@ -192,6 +198,25 @@ class SearchDriver:
         self.progress(self._status(done + skipped, total, finished_rollouts, time.perf_counter() - start))
         return {"searched": done, "skipped": skipped, "expansions": expansions, "rollouts": finished_rollouts,
                 "seconds": dict(self.times), "wall_s": time.perf_counter() - start}
+
+    @contextlib.contextmanager
+    def _phase(self, bucket: str, name: str | None = None):
+        """Times a phase into `bucket` of the progress line's split; named in profiler traces."""
+        t = time.perf_counter()
+        with jax.profiler.TraceAnnotation(f"search/{name or bucket}"):
+            yield
+        self.times[bucket] += time.perf_counter() - t
+
+    def _profile_window(self, iteration: int) -> None:
+        """Starts the profiler trace at `profile_start` and stops it `profile_iterations` later (or at the end)."""
+        start = self.profile_start
+        if start < 0 or self.profile_dir is None:
+            return
+        if iteration == start:
+            jax.profiler.start_trace(self.profile_dir)
+            self._profiling.callback(jax.profiler.stop_trace)
+        elif iteration == start + self.profile_iterations:
+            self._profiling.close()
 
     def _compile(self, tree: tr.Tree) -> tr.Tree:
         """Compile the tree kernels up front with no-op calls, so the time split shows steady-state costs."""
@@ -223,44 +248,56 @@ class SearchDriver:
         # A leaf whose context is used up gets no children and becomes a dead end.
         expandable = [i for i in live if len(ids[i]) < cfg.max_context_tokens]
 
-        t = time.perf_counter()
         samples = {}
-        for budget, rows in step_budgets({i: len(ids[i]) for i in expandable}, cfg.max_step_tokens,
-                                         cfg.max_context_tokens).items():
-            out = self.sampler.generate(
-                [ids[i] for i in rows], n=n, config=dataclasses.replace(self.sampling, max_new_tokens=budget), seed=0,
-                prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows])
-            samples.update(zip(rows, out))
+        with self._phase("generate"):
+            for budget, rows in step_budgets({i: len(ids[i]) for i in expandable}, cfg.max_step_tokens,
+                                             cfg.max_context_tokens).items():
+                out = self.sampler.generate(
+                    [ids[i] for i in rows], n=n, config=dataclasses.replace(self.sampling, max_new_tokens=budget),
+                    seed=0, prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows])
+                samples.update(zip(rows, out))
         for i in expandable:
             slots[i].generated_tokens += sum(len(s.token_ids) for s in samples[i])
-        self.times["generate"] += time.perf_counter() - t
         cands = {i: steps.candidate_steps([(s.text, s.finish_reason) for s in samples[i]], dedupe=cfg.dedupe,
                                           answer_first=cfg.answer_first) for i in expandable}
 
-        t = time.perf_counter()
         code = [(i, c) for i in cands for c in cands[i] if c.kind == steps.CODE]
         programs = [assemble_program(slots[i].path_steps(int(leaf[i])) + [c.text]) for i, c in code]
-        results = self.sandbox.run(programs, timeout_s=cfg.exec_timeout_s) if programs else []
+        with self._phase("execute"):
+            results = self.sandbox.run(programs, timeout_s=cfg.exec_timeout_s) if programs else []
         executed = {id(c): r for (_, c), r in zip(code, results)}
         for (_, c), r in zip(code, results):
             c.text = steps.with_output(c.text, r) if not r.failed else c.text
-        self.times["execute"] += time.perf_counter() - t
 
-        t = time.perf_counter()
         answer = [(i, c) for i in cands for c in cands[i] if c.kind == steps.ANSWER_STEP]
-        verdicts = self.grader.grade_batch([(c.text, slots[i].problem["answer"]) for i, c in answer])
+        with self._phase("grade"):
+            verdicts = self.grader.grade_batch([(c.text, slots[i].problem["answer"]) for i, c in answer])
         graded = {id(c): v for (_, c), v in zip(answer, verdicts)}
-        self.times["grade"] += time.perf_counter() - t
 
-        t = time.perf_counter()
         scored = {}
         if self.scorer is not None and cfg.uses_ppm:
             flat = [(i, c) for i in cands for c in cands[i]]
-            values = self.scorer.score([prompts[i] + c.text for i, c in flat])
+            with self._phase("score"):
+                values = self.scorer.score([prompts[i] + c.text for i, c in flat])
             scored = {id(c): float(v) for (_, c), v in zip(flat, values)}
-        self.times["score"] += time.perf_counter() - t
 
-        t = time.perf_counter()
+        with self._phase("tree", "backup"):
+            tree, new_ids = self._insert(tree, leaf, cands, slots, graded, executed, scored)
+        for i in cands:
+            slot = slots[i]
+            for j, c in enumerate(cands[i]):
+                if new_ids[i, j] < 0:
+                    continue
+                slot.texts.append(c.text)
+                slot.parents.append(int(leaf[i]))
+                if c.kind == steps.ANSWER_STEP:
+                    v = graded[id(c)]
+                    slot.answers[int(new_ids[i, j])] = (v.extracted, bool(v.equal))
+        return tree
+
+    def _insert(self, tree, leaf, cands, slots, graded, executed, scored):
+        """The candidates as new children of their leaves (insert + backup); returns (tree, new ids [B, n])."""
+        cfg, n = self.config, self.config.num_candidates
         b = len(slots)
         num_new = np.zeros(b, np.int32)
         reason = np.zeros((b, n), np.int32)
@@ -282,19 +319,7 @@ class SearchDriver:
                     reward[i, j] = -1.0
         tree, new_ids = self._expand(tree, jnp.asarray(leaf), jnp.asarray(num_new), jnp.asarray(reason),
                                      jnp.asarray(reward), jnp.asarray(init_value), jnp.asarray(text_index))
-        new_ids = np.asarray(new_ids)
-        for i in cands:
-            slot = slots[i]
-            for j, c in enumerate(cands[i]):
-                if new_ids[i, j] < 0:
-                    continue
-                slot.texts.append(c.text)
-                slot.parents.append(int(leaf[i]))
-                if c.kind == steps.ANSWER_STEP:
-                    v = graded[id(c)]
-                    slot.answers[int(new_ids[i, j])] = (v.extracted, bool(v.equal))
-        self.times["tree"] += time.perf_counter() - t
-        return tree
+        return tree, np.asarray(new_ids)
 
     # ---- output --------------------------------------------------------------------------------
 
