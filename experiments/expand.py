@@ -70,7 +70,7 @@ def miniature_policy(out_dir: str, seed: int, warmup_steps: int):
     rng = random.Random(seed)
     corpus = [example_problem(rng, i) for i in range(400)]
     texts = [tk.format_prompt(p["question"]) + s for p, s in corpus]
-    tok_dir = tk.build_sentencepiece_tokenizer(texts, os.path.join(out_dir, "tokenizer"), vocab_size=400, seed=seed)
+    tok_dir = tk.build_sentencepiece_tokenizer(texts, os.path.join(out_dir, "tokenizer"), vocab_size=1024, seed=seed)
     tokenizer = tk.load_tokenizer(tok_dir)
     model = Qwen2(preset("tiny").replace(vocab_size=tk.vocab_rows_needed(tokenizer)), rngs=nnx.Rngs(seed))
     if warmup_steps:

@@ -82,7 +82,7 @@ def miniature_data(stage_dir: str) -> dict:
     for name, rows in (("pool", pool), ("eval", evals), ("teacher_sft", teacher)):
         _write_jsonl(os.path.join(stage_dir, f"{name}.jsonl"), rows)
     tk.build_sentencepiece_tokenizer([r["prompt"] + r["response"] for r in teacher[:5000]],
-                                     os.path.join(stage_dir, "tokenizer"), vocab_size=512, seed=seed)
+                                     os.path.join(stage_dir, "tokenizer"), vocab_size=1024, seed=seed)
     return {"pool": len(pool), "eval": len(evals), "teacher_solutions": len(teacher),
             "teacher_correct": sum(ok for _, _, ok in corpus) / max(len(corpus), 1)}
 
