@@ -17,6 +17,8 @@ import math
 import numpy as np
 from absl import app, flags
 
+from experiments.usage import check_usage
+
 flags.DEFINE_string("hf_dir", None, "HF Qwen2 checkpoint directory (config.json + safetensors)")
 flags.DEFINE_bool("ppm", False, "the directory holds a PPM (value head `v_head.summary.*`)")
 flags.DEFINE_float("tolerance", 1e-4, "largest accepted max abs difference (logits, and PPM score)")
@@ -148,10 +150,7 @@ def check(hf_dir: str, *, ppm: bool = False, tolerance: float = 1e-4, prompt: st
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.hf_dir:
-        raise app.UsageError("--hf_dir is required")
+    check_usage(argv, "hf_dir")
     return check(FLAGS.hf_dir, ppm=FLAGS.ppm, tolerance=FLAGS.tolerance, prompt=FLAGS.prompt)
 
 

@@ -26,6 +26,7 @@ from absl import app, flags
 
 from experiments import multihost, search_flags
 from experiments.stages import write_json_atomic
+from experiments.usage import check_usage
 
 METHODS = ("greedy", "majority", "best_of_n", "beam", "mcts")
 NEEDS_REWARD_MODEL = ("best_of_n", "beam", "mcts")
@@ -204,11 +205,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("problems", "policy", "out"):
-        if not FLAGS[name].value:
-            raise app.UsageError(f"--{name} is required")
+    check_usage(argv, "problems", "policy", "out")
     try:
         spec = EvalSpec(methods=tuple(FLAGS.methods), ns=tuple(int(n) for n in FLAGS.ns),
                         selections=tuple(FLAGS.selections), vote_top_k=FLAGS.vote_top_k,

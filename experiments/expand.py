@@ -21,6 +21,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import multihost
+from experiments.usage import check_usage
 
 FLAGS = flags.FLAGS
 
@@ -123,8 +124,7 @@ def warm_up(model, tokenizer, examples, steps: int, seed: int, batch: int = 8):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_usage(argv)
     from rstar_jax import tokenizer as tk
     from rstar_jax.data import load_problems
     from rstar_jax.sampling import Sampler, SamplingConfig

@@ -16,6 +16,7 @@ import time
 
 from absl import app, flags
 
+from experiments.usage import check_usage
 from rstar_jax.jsonl import json_objects
 from rstar_jax.verify.answer_extract import reference_answers
 from rstar_jax.verify.grader import Grader
@@ -75,10 +76,7 @@ def grade_pairs(pairs: list[tuple[int, str, object]], grader: Grader, out=sys.st
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.pairs:
-        raise app.UsageError("--pairs=FILE.jsonl is required")
+    check_usage(argv, "pairs")
     try:
         pairs = load_pairs(FLAGS.pairs)  # the whole file is checked before any worker starts
     except (PairsFileError, OSError) as e:

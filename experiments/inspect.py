@@ -14,6 +14,8 @@ import os
 
 from absl import app, flags
 
+from experiments.usage import check_usage
+
 FLAGS = flags.FLAGS
 _SHOWN_IDS = 10  # how many available ids an error lists
 
@@ -69,10 +71,7 @@ def render(record, out_path: str, sort: str = "q", svg_max_nodes: int | None = N
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.trees or not FLAGS.out:
-        raise app.UsageError("--trees and --out are required")
+    check_usage(argv, "trees", "out")
     if (FLAGS.problem_id is None) == (FLAGS.index is None):
         raise app.UsageError("give exactly one of --problem_id and --index")
     if os.path.splitext(FLAGS.out)[1].lower() not in (".html", ".htm", ".svg"):

@@ -23,6 +23,7 @@ import os
 from absl import app, flags
 
 from experiments import multihost, search_flags, stages, train_common
+from experiments.usage import check_usage
 
 FLAGS = flags.FLAGS
 # Flags that do not change results: they may differ between invocations on one run directory.
@@ -49,7 +50,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("miniature_pool", 256, "miniature: training pool size")
     flags.DEFINE_integer("miniature_eval_per_difficulty", 20, "miniature: evaluation problems per difficulty")
     flags.DEFINE_integer("miniature_teacher_solutions", 20000, "miniature: noisy-teacher solutions for the base")
-    flags.DEFINE_integer("miniature_base_steps", 400, "miniature: SFT steps of the base model")
+    flags.DEFINE_list("miniature_eval_difficulties", [str(d) for d in range(1, 8)],
+                      "miniature: difficulties (operations, 1..7) of the evaluation sets")
+    # Many small steps: copying the question's numbers into the code appears after ~1500 updates whatever
+    # the batch size (batch 64 x 400 steps learns nothing of it), and a CPU step costs ~its tokens.
+    flags.DEFINE_integer("miniature_base_steps", 2000, "miniature: SFT steps of the base model")
+    flags.DEFINE_integer("miniature_base_batch_size", 4, "miniature: rows per SFT step of the base model")
+    flags.DEFINE_float("miniature_base_learning_rate", 1e-3, "miniature: peak learning rate of the base model")
     flags.DEFINE_integer("miniature_seed", 0, "miniature: seed of the problems, the teacher and the base model")
     flags.DEFINE_integer("eval_max_problems", 0, "evaluate on at most N problems (0 = all)")
     flags.DEFINE_list("eval_methods", ["greedy"], "evaluation of the round's policy (the base model: its greedy and "
@@ -76,7 +83,9 @@ def miniature_data(stage_dir: str) -> dict:
     from rstar_jax.data import miniature
     seed = FLAGS.miniature_seed
     pool = miniature.make_pool(FLAGS.miniature_pool, seed)
-    evals = [p for per in miniature.make_eval_sets(FLAGS.miniature_eval_per_difficulty, seed).values() for p in per]
+    difficulties = [int(d) for d in FLAGS.miniature_eval_difficulties]
+    evals = [p for per in miniature.make_eval_sets(FLAGS.miniature_eval_per_difficulty, seed, difficulties).values()
+             for p in per]
     corpus = miniature.teacher_corpus(FLAGS.miniature_teacher_solutions, seed)
     teacher = [{"id": p["id"], "prompt": tk.format_prompt(p["question"]), "response": text} for p, text, _ in corpus]
     for name, rows in (("pool", pool), ("eval", evals), ("teacher_sft", teacher)):
@@ -90,10 +99,11 @@ def miniature_data(stage_dir: str) -> dict:
 def miniature_base(data_dir: str, stage_dir: str) -> dict:
     cfg = train_common.TrainStageConfig(
         train_records=(os.path.join(data_dir, "teacher_sft.jsonl"),), out_dir=stage_dir, preset="tiny",
-        tokenizer_dir=os.path.join(data_dir, "tokenizer"), max_len=512, overlength="truncate", batch_size=16,
-        max_steps=FLAGS.miniature_base_steps, learning_rate=3e-3, schedule="cosine",
+        tokenizer_dir=os.path.join(data_dir, "tokenizer"), max_len=512, overlength="truncate",
+        batch_size=FLAGS.miniature_base_batch_size, max_steps=FLAGS.miniature_base_steps,
+        learning_rate=FLAGS.miniature_base_learning_rate, schedule="cosine",
         warmup_steps=min(20, FLAGS.miniature_base_steps // 10), weight_decay=0.0, seed=FLAGS.miniature_seed,
-        checkpoint_every=100, log_every=25)
+        checkpoint_every=500, log_every=100)
     return train_common.run_training("sft", cfg)
 
 
@@ -295,8 +305,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_usage(argv)
     if not FLAGS.run_dir and not FLAGS.dry_run:
         raise app.UsageError("--run_dir is required")
     if not 1 <= FLAGS.round <= 4:
@@ -308,8 +317,12 @@ def main(argv):
     ours = {name: FLAGS[name].value for module in ("experiments.round", "experiments.search_flags",
                                                    "experiments.train_common", "__main__")
             for name in (f.name for f in FLAGS.get_flags_for_module(module))}
+    # The miniature's data and base model are shared by the rounds: their flags are pinned for all rounds.
+    shared = {name: value for name, value in ours.items() if name.startswith("miniature_")}
     try:
         stages.pin_flags(os.path.join(FLAGS.run_dir, f"round_{FLAGS.round}"), ours, ignore=_FREE_FLAGS)
+        if "miniature" in (FLAGS.problems, FLAGS.eval_problems, FLAGS.base_model):
+            stages.pin_flags(os.path.join(FLAGS.run_dir, "miniature"), shared)
     except stages.FlagConflictError as e:
         raise SystemExit(f"experiments.round: {e}") from None
     summary = run_round()

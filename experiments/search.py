@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 
 from experiments import multihost, search_flags
+from experiments.usage import check_usage
 
 FLAGS = flags.FLAGS
 
@@ -98,11 +99,7 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("problems", "policy", "out"):
-        if not FLAGS[name].value:
-            raise app.UsageError(f"--{name} is required")
+    check_usage(argv, "problems", "policy", "out")
     config = search_flags.search_config()
     if config.uses_ppm and not FLAGS.ppm:
         raise app.UsageError(f"--mode={config.mode} needs --ppm (a reward model directory)")

@@ -13,11 +13,11 @@ from __future__ import annotations
 from absl import app
 
 from experiments import train_common
+from experiments.usage import check_usage
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_usage(argv)
     train_common.run_training("sft", train_common.config_from_flags())
 
 

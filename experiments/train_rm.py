@@ -15,10 +15,10 @@ from __future__ import annotations
 from absl import app, flags
 
 from experiments import train_common
+from experiments.usage import check_usage
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_usage(argv)
     train_common.run_training(flags.FLAGS.task, train_common.config_from_flags())
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Two layers, both with the real sandbox and the real grader:
 - the real tiny Qwen2 (briefly warmed up) with a PPM scorer runs every baseline end to end: shapes,
   determinism of greedy, Best-of-N's choice, beam width, and agreement with the grader.
 """
+import dataclasses
 import random
 import re
 
@@ -188,6 +189,20 @@ def test_answer_after_error_and_context_limit(sandbox, grader):
     pools = bl.sample_solutions(sampler, CharTokenizer(), SCRIPTED_PROBLEMS[:1], 2, sandbox=sandbox, grader=grader,
                                 config=tiny)
     assert [t["end"] for t in pools[0]] == [bl.CONTEXT] * 2 and pools[0][0]["correct"] is False
+
+
+def test_token_budgets(sandbox, grader):
+    """A code block may hold max_depth steps (max_depth x max_step_tokens); the answer is one step. Both stop
+    at the context limit."""
+    sampler = ScriptedSampler(block_script, bl.BLOCK_STOPS)
+    cfg = bl.BaselineConfig(max_step_tokens=30, max_depth=4, max_context_tokens=10_000)
+    bl.sample_solutions(sampler, CharTokenizer(), SCRIPTED_PROBLEMS[:1], 1, sandbox=sandbox, grader=grader, config=cfg)
+    assert [call[2].max_new_tokens for call in sampler.calls] == [120, 30]
+    prompt = len(tk.format_prompt(SCRIPTED_PROBLEMS[0]["question"]))
+    sampler.calls.clear()
+    bl.sample_solutions(sampler, CharTokenizer(), SCRIPTED_PROBLEMS[:1], 1, sandbox=sandbox, grader=grader,
+                        config=dataclasses.replace(cfg, max_context_tokens=prompt + 50))
+    assert sampler.calls[0][2].max_new_tokens == 50
 
 
 def test_samplers_must_match_the_baseline(sandbox):

@@ -36,3 +36,13 @@ def test_conflicting_flags_on_a_run_directory_are_refused(tmp_path):
     out = _round(*common, "--rollouts=16", "--progress_every_s=99")  # progress_every_s may change freely
     assert out.returncode != 0, out.stderr
     assert "--rollouts: saved 8, now 16" in out.stderr and "progress_every_s" not in out.stderr, out.stderr
+
+
+def test_the_miniature_flags_are_pinned_for_every_round(tmp_path):
+    """Rounds share the miniature's data and base model, so a later round may not change their flags."""
+    common = [f"--run_dir={tmp_path / 'run'}", "--problems=miniature", "--base_model=miniature"]
+    out = _round(*common, "--round=2", "--miniature_pool=8")  # pins, then stops: round 1 is missing
+    assert out.returncode != 0 and "round_1/policy/hf does not exist" in out.stderr, out.stderr
+    out = _round(*common, "--round=3", "--miniature_pool=16")
+    assert out.returncode != 0 and "--miniature_pool: saved 8, now 16" in out.stderr, out.stderr
+    assert "miniature/flags.json" in out.stderr

@@ -58,7 +58,9 @@ class BaselineConfig:
     temperature: float = 1.0  # sampling temperature of sample_solutions and beam search (greedy: 0)
     top_p: float = 1.0
     top_k: int = 0
-    max_step_tokens: int = 2048  # one generation: a whole code block (System 1), an answer step, a beam step
+    # One step's generation (an answer step, a beam step). A System-1 code block holds up to max_depth steps
+    # and gets max_depth x max_step_tokens (what one MCTS path may write), both capped by max_context_tokens.
+    max_step_tokens: int = 2048
     max_context_tokens: int = 4096  # prompt + response; a longer prompt is not extended
     exec_timeout_s: float = 30.0
     # System 1 after a failed program: stop without an answer (the reference's errors_threshold = 1, as MCTS
@@ -101,9 +103,11 @@ def _record(response: str, final_answer: str | None, correct: bool | None, score
             "num_tokens": num_tokens, "end": end}
 
 
-def _sampling(cfg: BaselineConfig, temperature: float, prompt_lengths: Sequence[int]) -> SamplingConfig:
+def _sampling(cfg: BaselineConfig, temperature: float, prompt_lengths: Sequence[int], *,
+              whole_block: bool = False) -> SamplingConfig:
     room = max((cfg.max_context_tokens - n for n in prompt_lengths), default=1)
-    return SamplingConfig(max_new_tokens=max(1, min(cfg.max_step_tokens, room)), temperature=temperature,
+    budget = cfg.max_step_tokens * (cfg.max_depth if whole_block else 1)
+    return SamplingConfig(max_new_tokens=max(1, min(budget, room)), temperature=temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k)
 
 
@@ -195,8 +199,8 @@ def sample_solutions(sampler: Sampler, tokenizer, problems: Sequence[Mapping], n
     for i in set(range(len(problems))) - set(live):
         for s in sols[i]:
             s.end = CONTEXT
-    samples = _generate(sampler, [ids[i] for i in live], n, _sampling(cfg, temperature, [len(ids[i]) for i in live]),
-                        cfg.seed, [stream_id(problems[i]["id"], cfg.seed, 0) for i in live], cfg.max_rows)
+    samples = _generate(sampler, [ids[i] for i in live], n, _sampling(cfg, temperature, [len(ids[i]) for i in live],
+                                                                         whole_block=True), cfg.seed, [stream_id(problems[i]["id"], cfg.seed, 0) for i in live], cfg.max_rows)
     to_run: list[_Solution] = []
     for i, per in zip(live, samples):
         for s, sample in zip(sols[i], per):
