@@ -1,6 +1,6 @@
 """One self-evolution round of rStar-Math into a run directory: search -> policy SFT -> PPM -> evaluation.
 
-  python -m experiments.round --flagfile=experiments/configs/miniature.flags      # the embedded miniature
+  python -m experiments.round --flagfile=experiments/configs/miniature/round1.flags   # the miniature, round 1
   python -m experiments.round --run_dir=runs/r --round=2 --problems=pool.jsonl --base_model=/ckpt/base ...
 
 Stages, each skipped once complete (re-running the same command resumes where it stopped):
@@ -52,9 +52,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("miniature_teacher_solutions", 20000, "miniature: noisy-teacher solutions for the base")
     flags.DEFINE_list("miniature_eval_difficulties", [str(d) for d in range(1, 8)],
                       "miniature: difficulties (operations, 1..7) of the evaluation sets")
-    # Many small steps: copying the question's numbers into the code appears after ~1500 updates whatever
-    # the batch size (batch 64 x 400 steps learns nothing of it), and a CPU step costs ~its tokens.
-    flags.DEFINE_integer("miniature_base_steps", 2000, "miniature: SFT steps of the base model")
+    # Many small steps: copying the question's numbers into the code appears after thousands of updates
+    # whatever the batch size (64 x 400 steps learns nothing of it), and a CPU step costs about its tokens.
+    flags.DEFINE_integer("miniature_base_steps", 3000, "miniature: SFT steps of the base model")
     flags.DEFINE_integer("miniature_base_batch_size", 4, "miniature: rows per SFT step of the base model")
     flags.DEFINE_float("miniature_base_learning_rate", 1e-3, "miniature: peak learning rate of the base model")
     flags.DEFINE_integer("miniature_seed", 0, "miniature: seed of the problems, the teacher and the base model")
@@ -211,7 +211,7 @@ def run_round() -> dict:
             raise SystemExit(f"experiments.round: {what} {path} does not exist (run round {k - 1} first, or pass "
                              f"--base_model/--policy/--ppm)")
     if "miniature" in (FLAGS.problems, FLAGS.eval_problems, FLAGS.base_model):
-        stages.run_stage("miniature data", mini_data, miniature_data)
+        stages.run_stage("miniature data", mini_data, miniature_data, primary_only=True)
     if FLAGS.base_model == "miniature":
         stages.run_stage("miniature base model", mini_base, lambda d: miniature_base(mini_data, d))
     problems = _problems(FLAGS.problems, os.path.join(mini_data, "pool.jsonl"))
@@ -221,8 +221,10 @@ def run_round() -> dict:
         stats = run_search(config, problems, policy, ppm, d, extract_config=search_flags.extract_config(),
                            progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
                            profile=(2 if FLAGS.profile and start < 0 else start, iterations))
-        stats["coverage_by_difficulty"] = coverage_by_difficulty(d, problems)
-        if not stats["extracted"]["sft"]:  # the trees stay on disk; rerunning after a fix skips this search
+        if stages.is_primary():  # it extracted the training data from every process's trees
+            stats["coverage_by_difficulty"] = coverage_by_difficulty(d, problems)
+        if not stages.agree(stages.is_primary() and stats["extracted"]["sft"]):
+            # The trees stay on disk; rerunning after a fix skips the problems already searched.
             raise SystemExit(f"experiments.round: round {k}'s search solved none of the {len(problems)} pool "
                              f"problems (no correct trajectory, so no training data): use a stronger --policy, "
                              f"more --rollouts / --max_rollouts_unsolved, or easier --problems; trees in {d}")
@@ -243,11 +245,14 @@ def run_round() -> dict:
     if FLAGS.eval_max_problems:
         eval_problems = eval_problems[:FLAGS.eval_max_problems]
     base_methods = [m for m in FLAGS.eval_methods if m in ("greedy", "majority")] or ["greedy"]
+    # Evaluation runs on process 0's devices (the others wait).
     stages.run_stage("base model evaluation", os.path.join(run_dir, "base_eval"), lambda d: evaluate_model(
-        d, eval_problems, base, None, base_methods))
+        d, eval_problems, base, None, base_methods), primary_only=True)
     results = stages.run_stage("evaluation", os.path.join(here, "eval"), lambda d: evaluate_model(
-        d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods))
-    print(round_report(run_dir, k), flush=True)
+        d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods),
+        primary_only=True)
+    if stages.is_primary():
+        print(round_report(run_dir, k), flush=True)
     return {"search": search, "eval": results}
 
 
@@ -314,6 +319,7 @@ def main(argv):
         print(dry_run())
         return
     multihost.initialize()
+    stages.use_compilation_cache(FLAGS.run_dir)
     ours = {name: FLAGS[name].value for module in ("experiments.round", "experiments.search_flags",
                                                    "experiments.train_common", "__main__")
             for name in (f.name for f in FLAGS.get_flags_for_module(module))}

@@ -3,7 +3,13 @@
 A stage is complete when its `DONE.json` exists; it is written last (atomically), so a stage interrupted
 at any point runs again on the next invocation and resumes from whatever its own outputs allow. The
 flags of the first invocation are saved in the run directory; a later invocation with different values
-for flags that shape the results is refused, naming each differing flag.
+for flags that shape the results is refused, naming each differing flag. Compiled XLA programs are cached
+in the run directory, so later stages, rounds and resumed runs skip most compilation.
+
+Multi-process runs (one process per host, the run directory on a filesystem all of them see): every
+process runs a stage's work (each its share: search problems by host, training over the global mesh),
+or process 0 alone for `primary_only` stages (generating files, evaluating on its own devices); process 0
+writes DONE.json, and every process waits for it before the next stage.
 """
 from __future__ import annotations
 
@@ -46,11 +52,46 @@ def pin_flags(run_dir: str, values: dict, ignore: Iterable[str] = ()) -> None:
                                 f"--run_dir or the same flags:\n  " + "\n  ".join(diffs))
 
 
+def use_compilation_cache(run_dir: str) -> None:
+    """JAX's persistent compilation cache in run_dir/jax_cache (unless JAX_COMPILATION_CACHE_DIR chose
+    one). Every program is cached: the small ones of a CPU run each take ~1 s to compile, and a round
+    starts several processes that compile the same shapes."""
+    import jax
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(run_dir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def is_done(stage_dir: str) -> bool:
     return os.path.exists(os.path.join(stage_dir, DONE))
 
 
-def run_stage(name: str, stage_dir: str, work: Callable[[str], dict], log: Callable[[str], None] = print) -> dict:
+def is_primary() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (nothing to do in a single-process run)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(value: int) -> int:
+    """Process 0's `value` on every process (so that all of them take the same branch)."""
+    import jax
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def run_stage(name: str, stage_dir: str, work: Callable[[str], dict], log: Callable[[str], None] = print, *,
+              primary_only: bool = False) -> dict:
     """Run `work(stage_dir)` unless the stage is complete; returns its summary (saved in DONE.json)."""
     done = os.path.join(stage_dir, DONE)
     if os.path.exists(done):
@@ -59,10 +100,14 @@ def run_stage(name: str, stage_dir: str, work: Callable[[str], dict], log: Calla
         log(f"[{name}] complete, skipped ({stage_dir})")
         return summary
     os.makedirs(stage_dir, exist_ok=True)
-    log(f"[{name}] running ({stage_dir})")
-    start = time.perf_counter()
-    summary = dict(work(stage_dir) or {})
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    write_json_atomic(done, summary)
-    log(f"[{name}] done in {summary['seconds']}s")
-    return summary
+    if is_primary() or not primary_only:
+        log(f"[{name}] running ({stage_dir})")
+        start = time.perf_counter()
+        summary = dict(work(stage_dir) or {})
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        if is_primary():
+            write_json_atomic(done, summary)
+            log(f"[{name}] done in {summary['seconds']}s")
+    barrier(f"stage {name}")
+    with open(done) as f:  # process 0's summary, the same on every process
+        return json.load(f)

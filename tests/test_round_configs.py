@@ -28,10 +28,11 @@ def test_every_model_and_hardware_flagfile_fits_with_a_paper_round():
         assert proc.stdout.count("(fits)") == 4, proc.stdout  # every stage within the device's memory
 
 
-def test_the_miniature_flagfile_dry_runs_and_a_stage_that_does_not_fit_says_so():
-    proc = _dry_run("experiments/configs/miniature.flags", extra=["--dry_run_devices=1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 devices" in proc.stdout and "policy SFT" in proc.stdout
+def test_the_miniature_flagfiles_dry_run_and_a_stage_that_does_not_fit_says_so():
+    for k in range(1, 5):
+        proc = _dry_run(f"experiments/configs/miniature/round{k}.flags", extra=["--dry_run_devices=1"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"round {k}:" in proc.stdout and "1 devices" in proc.stdout and "policy SFT" in proc.stdout
     proc = _dry_run("experiments/configs/paper/round1.flags", TARGETS[0], extra=["--device_memory_gib=1"])
     assert proc.returncode == 0 and "does NOT fit in 1 GiB" in proc.stdout
 

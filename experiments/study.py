@@ -1,0 +1,138 @@
+"""Runs of experiments.round side by side (seeds of the miniature, say): accuracy on chosen difficulties and
+coverage per round, as the mean and standard deviation over the runs, and the method's claims as paired
+differences.
+
+  python -m experiments.study --runs=runs/mini_s0,runs/mini_s1,runs/mini_s2 --difficulties=4,5,6 --out=runs/study
+
+Reads only the stages' summaries (`base_eval/DONE.json`, `round_<k>/eval/DONE.json`,
+`round_<k>/search/DONE.json`) and writes `study.md` and `study.json` into --out. Accuracy on several
+difficulties is the mean of their accuracies (the miniature's evaluation sets have equal sizes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from experiments.stages import write_json_atomic
+from experiments.usage import check_usage
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("runs", None, "run directories of experiments.round")
+    flags.DEFINE_list("difficulties", [], "difficulties to report (default: all of the evaluation set)")
+    flags.DEFINE_string("out", None, "output directory")
+
+
+def _load(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_run(run_dir: str) -> list[dict]:
+    """Rounds 0 (the base model) .. K of one run: [{"rows": eval rows, "coverage": {difficulty: fraction}}]."""
+    base = _load(os.path.join(run_dir, "base_eval", "DONE.json"))
+    if base is None:
+        raise SystemExit(f"experiments.study: {run_dir} has no finished base model evaluation "
+                         f"({os.path.join(run_dir, 'base_eval', 'DONE.json')})")
+    rounds = [{"rows": base["rows"], "coverage": None}]
+    k = 1
+    while (summary := _load(os.path.join(run_dir, f"round_{k}", "eval", "DONE.json"))) is not None:
+        search = _load(os.path.join(run_dir, f"round_{k}", "search", "DONE.json")) or {}
+        rounds.append({"rows": summary["rows"], "coverage": search.get("coverage_by_difficulty")})
+        k += 1
+    return rounds
+
+
+def subset_accuracy(row: dict, difficulties: Sequence[str]) -> float | None:
+    """Mean accuracy over `difficulties` (all of the row's when empty); None if the row lacks one."""
+    by = row["by_difficulty"]
+    if not difficulties:
+        return row["accuracy"]
+    if any(d not in by for d in difficulties):
+        return None
+    return sum(by[d] for d in difficulties) / len(difficulties)
+
+
+def _mean_sd(values: Sequence[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": list(values)}
+
+
+def study(runs: Sequence[list[dict]], difficulties: Sequence[str]) -> dict:
+    """Accuracy per (round, method, N) and coverage per round over the runs, plus the paired claims."""
+    num_rounds = min(len(r) for r in runs)
+    accuracy, coverage = [], []
+    for k in range(num_rounds):
+        for method, n in [(row["method"], row["n"]) for row in runs[0][k]["rows"]]:
+            rows = [next((row for row in run[k]["rows"] if (row["method"], row["n"]) == (method, n)), None)
+                    for run in runs]
+            values = [row and subset_accuracy(row, difficulties) for row in rows]
+            if all(v is not None for v in values):  # measured in every run
+                accuracy.append({"round": k, "method": method, "n": n, **_mean_sd(values)})
+        if k and all(run[k]["coverage"] for run in runs):
+            coverage.append({"round": k, **_mean_sd([run[k]["coverage"]["all"] for run in runs])})
+    return {"runs": len(runs), "difficulties": list(difficulties), "accuracy": accuracy, "coverage": coverage,
+            "claims": claims(accuracy, coverage, num_rounds - 1)}
+
+
+def claims(accuracy: list[dict], coverage: list[dict], last: int) -> list[dict]:
+    """The paper's effects as paired differences over the runs (mean, sd, and in how many runs it held):
+    the last round's greedy policy over the base model's; at the last round's largest N, PPM-guided MCTS
+    over majority vote over greedy; each round's coverage over the previous round's."""
+    get = lambda k, method, n=None: next((a for a in accuracy if a["round"] == k and a["method"] == method
+                                          and (n is None or a["n"] == n)), None)
+    pairs = [(f"round {last} greedy - base greedy", get(last, "greedy"), get(0, "greedy"))]
+    majority_ns = {a["n"] for a in accuracy if a["round"] == last and a["method"] == "majority"}
+    mcts_ns = {a["n"] for a in accuracy if a["round"] == last and a["method"].startswith("mcts/")}
+    if shared := majority_ns & mcts_ns:
+        n = max(shared)
+        pairs += [(f"round {last} mcts/top_score@{n} - majority@{n}", get(last, "mcts/top_score", n),
+                   get(last, "majority", n)),
+                  (f"round {last} majority@{n} - greedy", get(last, "majority", n), get(last, "greedy"))]
+    pairs += [(f"coverage round {b['round']} - round {a['round']}", b, a) for a, b in zip(coverage, coverage[1:])]
+    out = []
+    for name, high, low in pairs:
+        if high and low:
+            diffs = [h - lo for h, lo in zip(high["values"], low["values"])]
+            out.append({"claim": name, **_mean_sd(diffs), "held": sum(d > 0 for d in diffs)})
+    return out
+
+
+def to_markdown(result: dict, run_dirs: Sequence[str]) -> str:
+    pct = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f}"
+    subset = ",".join(result["difficulties"]) or "all"
+    lines = [f"# Study of {result['runs']} runs", "", *[f"- `{r}`" for r in run_dirs], "",
+             f"Accuracy (%) on difficulties {subset}, mean ± sd over the runs (round 0 = the base model):", "",
+             "| round | method | N | accuracy | per run |", "|---|---|---|---|---|"]
+    lines += [f"| {a['round']} | {a['method']} | {a['n']} | {pct(a)} | "
+              + " ".join(f"{100 * v:.0f}" for v in a["values"]) + " |" for a in result["accuracy"]]
+    lines += ["", "Coverage of the training pool (%):", "", "| round | coverage | per run |", "|---|---|---|"]
+    lines += [f"| {c['round']} | {pct(c)} | " + " ".join(f"{100 * v:.0f}" for v in c["values"]) + " |"
+              for c in result["coverage"]]
+    lines += ["", "Claims (paired differences, points):", "", "| claim | difference | held in |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {pct(c)} | {c['held']}/{result['runs']} |" for c in result["claims"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    check_usage(argv, "runs", "out")
+    result = study([load_run(r) for r in FLAGS.runs], FLAGS.difficulties)
+    os.makedirs(FLAGS.out, exist_ok=True)
+    write_json_atomic(os.path.join(FLAGS.out, "study.json"), result)
+    text = to_markdown(result, FLAGS.runs)
+    with open(os.path.join(FLAGS.out, "study.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,115 @@
+"""experiments.round end to end: three rounds on a tiny pool whose base model was taught that pool.
+
+Round 1 and 2 search terminal-guided, round 3 with round 2's PPM; every stage writes its outputs, a
+second invocation of a finished round skips every stage, and the report covers rounds 0-3.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A pool of 6 one- and two-step problems, and a tiny base model trained on their teacher solutions."""
+    from absl import flags
+
+    from experiments import train_common
+    from rstar_jax import tokenizer as tk
+    from rstar_jax.data import miniature
+
+    root = tmp_path_factory.mktemp("rounds")
+    pool = miniature.make_pool(6, seed=3, difficulties=(1, 2), trap_rate=0.0, max_distractors=0)
+    with open(root / "pool.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pool)
+    rng = random.Random(0)
+    records = [{"id": p["id"], "prompt": tk.format_prompt(p["question"]),
+                "response": miniature.solve(p, rng, noise=0.0, trap_error_rate=0.0).text} for p in pool * 20]
+    with open(root / "teacher.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    tk.build_sentencepiece_tokenizer([r["prompt"] + r["response"] for r in records], root / "tokenizer",
+                                     vocab_size=320)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    train_common.run_training("sft", train_common.TrainStageConfig(
+        train_records=(str(root / "teacher.jsonl"),), out_dir=str(root / "base"), preset="tiny",
+        tokenizer_dir=str(root / "tokenizer"), max_len=256, batch_size=8, max_steps=200, learning_rate=3e-3,
+        schedule="cosine", warmup_steps=20, weight_decay=0.0, checkpoint_every=1000, log_every=100))
+    return root
+
+
+def _flags(root) -> list[str]:
+    return [f"--problems={root / 'pool.jsonl'}", f"--eval_problems={root / 'pool.jsonl'}",
+            f"--base_model={root / 'base' / 'hf'}", "--rollouts=2", "--num_candidates=3", "--max_depth=6",
+            "--max_step_tokens=48", "--max_context_tokens=512", "--exec_timeout_s=10", "--min_edit_distance=0",
+            "--sft_max_len=256", "--sft_batch_size=8", "--sft_epochs=1", "--sft_learning_rate=1e-4",
+            "--ppm_max_len=256", "--ppm_batch_size=8", "--ppm_epochs=1", "--ppm_learning_rate=1e-3",
+            "--eval_methods=greedy", "--progress_every_s=600"]
+
+
+def _run(cmd, **env_vars):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env_vars}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _round(root, k, *extra):
+    return _run([sys.executable, "-m", "experiments.round", f"--run_dir={root / 'run'}", f"--round={k}",
+                 *_flags(root), *extra])
+
+
+@pytest.mark.slow
+def test_three_rounds_resume_and_report(setup):
+    root = setup
+    run = root / "run"
+    out = _round(root, 1, "--mode=terminal")
+    for stage in ("search", "policy", "ppm", "eval"):
+        assert (run / "round_1" / stage / "DONE.json").exists(), stage
+    assert (run / "round_1" / "policy" / "hf" / "config.json").exists()
+    assert (run / "round_1" / "ppm" / "hf" / "config.json").exists()
+    search = json.loads((run / "round_1" / "search" / "DONE.json").read_text())
+    assert search["extracted"]["sft"] > 0 and search["coverage_by_difficulty"]["all"] > 0
+    assert "[search] running" in out and "[base model evaluation] running" in out
+
+    again = _round(root, 1, "--mode=terminal")  # everything is complete: every stage is skipped
+    assert "running" not in again and again.count("complete, skipped") == 5, again
+
+    _round(root, 2, "--mode=terminal", "--max_rollouts_unsolved=4")
+    out = _round(root, 3, "--mode=ppm", "--max_rollouts_unsolved=4")
+    trees = [json.loads(line) for line in open(run / "round_3" / "search" / "trees.jsonl")]
+    assert trees and all(t["mode"] == "ppm" for t in trees)
+    report = (run / "round_3" / "eval" / "rounds.md").read_text()
+    for k in range(4):
+        assert f"\n| {k} | " in report, report
+    assert (run / "round_3" / "eval" / "accuracy_per_round.png").stat().st_size > 1000
+    assert (run / "round_3" / "eval" / "coverage_per_round.png").stat().st_size > 1000
+    assert os.listdir(run / "jax_cache"), "compiled programs are cached in the run directory"
+
+
+@pytest.mark.slow
+def test_a_round_as_two_processes(setup, tmp_path):
+    """launch/local.sh: 2 processes x 4 fake CPU devices; each searches its half of the pool, process 0
+    extracts from both, the SFT and PPM steps run over the 8-device global mesh, process 0 evaluates."""
+    root, run = setup, tmp_path / "run"
+    flagfile = tmp_path / "round.flags"
+    flagfile.write_text("\n".join(_flags(root) + ["--round=1", "--mode=terminal"]) + "\n")
+    out = _run(["bash", "launch/local.sh", "2", "round", str(flagfile), f"--run_dir={run}"],
+               DEVICES_PER_PROCESS="4", PYTHON=sys.executable)
+    assert out.count("mesh {'data': 8, 'fsdp': 1, 'tensor': 1}") == 2, out  # SFT and PPM on the global mesh
+    search = run / "round_1" / "search"
+    shards = [[json.loads(line)["problem_id"] for line in open(search / f"trees.process_{i}.jsonl")]
+              for i in range(2)]
+    assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
+    assert len(shards[0]) + len(shards[1]) == 6
+    buckets = [json.loads(line) for line in open(search / "extracted" / "buckets.jsonl")]
+    assert sorted(b["id"] for b in buckets) == sorted(shards[0] + shards[1])  # merged from both processes
+    sft = json.loads((run / "round_1" / "policy" / "metrics.json").read_text())
+    assert sft["train"]["loss"] > 0
+    for stage in ("search", "policy", "ppm", "eval"):
+        assert (run / "round_1" / stage / "DONE.json").exists(), stage
