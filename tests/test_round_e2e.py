@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     with open(root / "teacher.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     tk.build_sentencepiece_tokenizer([r["prompt"] + r["response"] for r in records], root / "tokenizer",
-                                     vocab_size=320)
+                                     vocab_size=400)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     train_common.run_training("sft", train_common.TrainStageConfig(
