@@ -94,7 +94,8 @@ def run_stage(name: str, stage_dir: str, work: Callable[[str], dict], log: Calla
               primary_only: bool = False) -> dict:
     """Run `work(stage_dir)` unless the stage is complete; returns its summary (saved in DONE.json)."""
     done = os.path.join(stage_dir, DONE)
-    if os.path.exists(done):
+    # Process 0's view: a process that arrives late must not see DONE.json written meanwhile and skip.
+    if agree(os.path.exists(done)):
         with open(done) as f:
             summary = json.load(f)
         log(f"[{name}] complete, skipped ({stage_dir})")

@@ -17,9 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A pool of 6 one- and two-step problems, and a tiny base model trained on their teacher solutions."""
-    from absl import flags
-
-    from experiments import train_common
     from rstar_jax import tokenizer as tk
     from rstar_jax.data import miniature
 
@@ -34,12 +31,12 @@ def setup(tmp_path_factory):
         f.writelines(json.dumps(r) + "\n" for r in records)
     tk.build_sentencepiece_tokenizer([r["prompt"] + r["response"] for r in records], root / "tokenizer",
                                      vocab_size=400)
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-    train_common.run_training("sft", train_common.TrainStageConfig(
-        train_records=(str(root / "teacher.jsonl"),), out_dir=str(root / "base"), preset="tiny",
-        tokenizer_dir=str(root / "tokenizer"), max_len=256, batch_size=8, max_steps=200, learning_rate=3e-3,
-        schedule="cosine", warmup_steps=20, weight_decay=0.0, checkpoint_every=1000, log_every=100))
+    # A subprocess on one device, like the rounds' own stages (in-process, on the suite's 8 fake devices,
+    # XLA occasionally aborted here).
+    _run([sys.executable, "-m", "experiments.sft", "--preset=tiny", f"--train_records={root / 'teacher.jsonl'}",
+          f"--tokenizer_dir={root / 'tokenizer'}", f"--out_dir={root / 'base'}", "--max_len=256", "--batch_size=8",
+          "--max_steps=200", "--learning_rate=3e-3", "--schedule=cosine", "--warmup_steps=20", "--weight_decay=0",
+          "--checkpoint_every=1000", "--log_every=100"])
     return root
 
 
@@ -49,6 +46,7 @@ def _flags(root) -> list[str]:
             "--max_step_tokens=48", "--max_context_tokens=512", "--exec_timeout_s=10", "--min_edit_distance=0",
             "--sft_max_len=256", "--sft_batch_size=8", "--sft_epochs=1", "--sft_learning_rate=1e-4",
             "--ppm_max_len=256", "--ppm_batch_size=8", "--ppm_epochs=1", "--ppm_learning_rate=1e-3",
+            "--ppm_holdout_fraction=0",  # a base that knows the pool leaves few pairs
             "--eval_methods=greedy", "--progress_every_s=600"]
 
 
