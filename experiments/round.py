@@ -156,9 +156,9 @@ def _best(rows: list[dict], method: str) -> float | None:
 def round_report(run_dir: str, k: int) -> str:
     """report.md and plots of rounds 0 (the base model) .. k from the stages' summaries in the run directory."""
     from rstar_jax.eval import plots
-    rounds = [_load_done(os.path.join(run_dir, "base_eval"))] + [
-        _load_done(os.path.join(run_dir, f"round_{j}", "eval")) for j in range(1, k + 1)]
-    coverage = [None] + [_load_done(os.path.join(run_dir, f"round_{j}", "search")).get("coverage_by_difficulty")
+    rounds = [stages.load_done(os.path.join(run_dir, "base_eval"))] + [
+        stages.load_done(os.path.join(run_dir, f"round_{j}", "eval")) for j in range(1, k + 1)]
+    coverage = [None] + [stages.load_done(os.path.join(run_dir, f"round_{j}", "search")).get("coverage_by_difficulty")
                          for j in range(1, k + 1)]
     methods = list(dict.fromkeys(r["method"] for summary in rounds if summary for r in summary["rows"]))
     series = {m: [_best(s["rows"], m) if s else None for s in rounds] for m in methods}
@@ -182,14 +182,6 @@ def round_report(run_dir: str, k: int) -> str:
     with open(os.path.join(out_dir, "rounds.md"), "w") as f:
         f.write(text)
     return text
-
-
-def _load_done(stage_dir: str) -> dict | None:
-    path = os.path.join(stage_dir, stages.DONE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_round() -> dict:

@@ -63,6 +63,15 @@ def use_compilation_cache(run_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def load_done(stage_dir: str) -> dict | None:
+    """A finished stage's summary (its DONE.json), or None if it has not finished."""
+    path = os.path.join(stage_dir, DONE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def is_done(stage_dir: str) -> bool:
     return os.path.exists(os.path.join(stage_dir, DONE))
 

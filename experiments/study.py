@@ -10,14 +10,13 @@ difficulties is the mean of their accuracies (the miniature's evaluation sets ha
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.stages import write_json_atomic
+from experiments.stages import load_done, write_json_atomic
 from experiments.usage import check_usage
 
 FLAGS = flags.FLAGS
@@ -29,23 +28,16 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "output directory")
 
 
-def _load(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_run(run_dir: str) -> list[dict]:
     """Rounds 0 (the base model) .. K of one run: [{"rows": eval rows, "coverage": {difficulty: fraction}}]."""
-    base = _load(os.path.join(run_dir, "base_eval", "DONE.json"))
+    base = load_done(os.path.join(run_dir, "base_eval"))
     if base is None:
         raise SystemExit(f"experiments.study: {run_dir} has no finished base model evaluation "
                          f"({os.path.join(run_dir, 'base_eval', 'DONE.json')})")
     rounds = [{"rows": base["rows"], "coverage": None}]
     k = 1
-    while (summary := _load(os.path.join(run_dir, f"round_{k}", "eval", "DONE.json"))) is not None:
-        search = _load(os.path.join(run_dir, f"round_{k}", "search", "DONE.json")) or {}
+    while (summary := load_done(os.path.join(run_dir, f"round_{k}", "eval"))) is not None:
+        search = load_done(os.path.join(run_dir, f"round_{k}", "search")) or {}
         rounds.append({"rows": summary["rows"], "coverage": search.get("coverage_by_difficulty")})
         k += 1
     return rounds
