@@ -230,9 +230,14 @@ def run_round() -> dict:
 
     stages.run_stage("policy SFT", os.path.join(here, "policy"), lambda d: train_common.run_training("sft", training(
         "sft_", init_hf_dir=base, out_dir=d, train_records=(os.path.join(extracted, "sft.jsonl"),))))
+    pairs = os.path.join(extracted, "pairs.jsonl")
+    if not stages.agree(stages.is_primary() and search["extracted"]["pairs"] > 0):
+        raise SystemExit(f"experiments.round: round {k}'s search yielded no preference pairs ({pairs} is empty: no "
+                         f"step had both a child leading to a correct answer and one leading to a wrong one), so "
+                         f"there is no PPM to train; the policy is saved in {os.path.join(here, 'policy')}. Use "
+                         f"more --rollouts / --num_candidates, more --problems, or a lower --min_margin")
     stages.run_stage("PPM", os.path.join(here, "ppm"), lambda d: train_common.run_training("ppm", training(
-        "ppm_", init_hf_dir=os.path.join(here, "policy", "hf"), out_dir=d,
-        train_records=(os.path.join(extracted, "pairs.jsonl"),))))
+        "ppm_", init_hf_dir=os.path.join(here, "policy", "hf"), out_dir=d, train_records=(pairs,))))
     eval_problems = _problems(FLAGS.eval_problems, os.path.join(mini_data, "eval.jsonl"))
     if FLAGS.eval_max_problems:
         eval_problems = eval_problems[:FLAGS.eval_max_problems]

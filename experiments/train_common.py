@@ -149,7 +149,9 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     task = task_cls(tokenizer, cfg.max_len, cfg.overlength,
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     records = read_records(task_cls.kind, train_files)
-    holdout = cfg.holdout_fraction if cfg.holdout_fraction is not None else (0.05 if task.is_reward_model else 0.0)
+    holdout = cfg.holdout_fraction
+    if holdout is None:  # the default: a reward model's accuracy on 5%, when that is at least one record
+        holdout = 0.05 if task.is_reward_model and len(records) >= 20 else 0.0
     if cfg.eval_records:
         eval_records = read_records(task_cls.kind, cfg.eval_records)
     elif holdout > 0:

@@ -177,9 +177,11 @@ class Sampler:
 
     # ---- device programs -----------------------------------------------------------------------
 
-    def _prefill_impl(self, params, tokens, mask, row_keys, *, n: int, max_new_tokens: int,
+    def _prefill_impl(self, params, tokens, mask, row_keys, filler, *, n: int, max_new_tokens: int,
                       segment: int) -> DecodeState:
-        """tokens, mask: [B, P] left-padded; row_keys: [B * n]. Prefill once; the n samples share the prompt's cache."""
+        """tokens, mask: [B, P] left-padded; row_keys: [B * n]; filler: [B] True for the rows that only pad
+        the batch (done from the start, so they never keep the loop running). Prefill once; the n samples
+        share the prompt's cache."""
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
         hidden, prompt_cache = model(tokens, positions_from_mask(mask), mask, KVCache.zeros(self.config, b, p))
@@ -193,7 +195,7 @@ class Sampler:
             tokens=jnp.full((rows, max_new_tokens), self.pad_id, jnp.int32),
             logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
             recent=jnp.full((rows, self._stop_seqs.shape[1]), -2, jnp.int32),
-            done=jnp.zeros((rows,), bool), finish=jnp.zeros((rows,), jnp.int32),
+            done=fan(filler), finish=jnp.zeros((rows,), jnp.int32),
             length=jnp.zeros((rows,), jnp.int32), step=jnp.zeros((), jnp.int32))
 
     def _decode_impl(self, params, state: DecodeState, *, config: SamplingConfig) -> DecodeState:
@@ -287,7 +289,8 @@ class Sampler:
         ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             segment = min(self.first_segment, config.max_new_tokens)
-            state = self._prefill(self.params, tokens, mask, keys, n=n, max_new_tokens=config.max_new_tokens,
+            filler = np.arange(tokens.shape[0]) >= len(prompts)
+            state = self._prefill(self.params, tokens, mask, keys, filler, n=n, max_new_tokens=config.max_new_tokens,
                                   segment=segment)
             while True:  # decode segments of doubling length until every row is done or out of tokens
                 state = self._decode(self.params, state, config=config)

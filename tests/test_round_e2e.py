@@ -46,7 +46,6 @@ def _flags(root) -> list[str]:
             "--max_step_tokens=48", "--max_context_tokens=512", "--exec_timeout_s=10", "--min_edit_distance=0",
             "--sft_max_len=256", "--sft_batch_size=8", "--sft_epochs=1", "--sft_learning_rate=1e-4",
             "--ppm_max_len=256", "--ppm_batch_size=8", "--ppm_epochs=1", "--ppm_learning_rate=1e-3",
-            "--ppm_holdout_fraction=0",  # a base that knows the pool leaves few pairs
             "--eval_methods=greedy", "--progress_every_s=600"]
 
 
@@ -88,6 +87,17 @@ def test_three_rounds_resume_and_report(setup):
     assert (run / "round_3" / "eval" / "accuracy_per_round.png").stat().st_size > 1000
     assert (run / "round_3" / "eval" / "coverage_per_round.png").stat().st_size > 1000
     assert os.listdir(run / "jax_cache"), "compiled programs are cached in the run directory"
+
+
+@pytest.mark.slow
+def test_a_round_without_preference_pairs_stops_with_its_policy_saved(setup, tmp_path):
+    cmd = [sys.executable, "-m", "experiments.round", f"--run_dir={tmp_path / 'run'}", "--round=1", *_flags(setup),
+           "--mode=terminal", "--limit=2", "--pairs_per_side=0"]
+    proc = subprocess.run(cmd, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "yielded no preference pairs" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "round_1" / "policy" / "DONE.json").exists()
+    assert not (tmp_path / "run" / "round_1" / "ppm").exists()
 
 
 @pytest.mark.slow

@@ -179,3 +179,17 @@ def test_doubling_decode_segments_match_one_segment(tiny_model):
     assert [[s.token_ids for s in per] for per in got] == [[s.token_ids for s in per] for per in whole]
     assert all(len(s.token_ids) == 21 for per in got for s in per)
     assert segmented._grow._cache_size() == 3
+
+
+def test_batch_padding_rows_never_hold_the_loop(tiny_model):
+    # 3 prompts x 2 samples pad to 4 x 2 rows; when every real row stops, the loop must end there, not
+    # run the filler rows to max_new_tokens (which made evaluation calls ~15x slower).
+    prompts = _prompts(5, [6, 8, 5])
+    cfg = SamplingConfig(max_new_tokens=64, temperature=1.0)
+    plain = Sampler(tiny_model, _decode_fn({})).generate(prompts, n=2, config=cfg)
+    stops = sorted({per[j].token_ids[3] for per in plain for j in range(2)})
+    sampler = Sampler(tiny_model, _decode_fn({}), stop_token_ids=stops)
+    samples = sampler.generate(prompts, n=2, config=cfg)
+    lengths = [len(s.token_ids) for per in samples for s in per]
+    assert all(s.finish_reason == "stop" for per in samples for s in per)
+    assert sampler.last_timing["batch_rows"] == 8 and sampler.last_timing["steps"] == max(lengths) <= 4
