@@ -10,10 +10,13 @@ import pytest
     ["experiments.bench.decode", "--num_prompts=2", "--min_len=16", "--max_len=24", "--n=2", "--new_tokens=4"],
     ["experiments.bench.train", "--batch=2", "--seq_len=32", "--steps=1", "--dtype=bfloat16",
      "--attention_impl=dot_product"],
-], ids=["decode", "train"])
+    ["experiments.bench.score", "--preset=tiny", "--leaves=3", "--children=2", "--min_len=8", "--max_len=16",
+     "--step_len=4", "--repeats=1"],
+], ids=["decode", "train", "score"])
 def test_benchmark_prints_both_sides_and_a_ratio(args):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert any(line.startswith("ours:") for line in lines) and any(line.startswith("hf:") for line in lines)
+    sides = ("whole:", "grouped:") if args[0].endswith("score") else ("ours:", "hf:")
+    assert all(any(line.startswith(side) for line in lines) for side in sides), lines
     assert re.fullmatch(r"ratio=\d+\.\d\d", lines[-1]), lines[-1]

@@ -276,10 +276,9 @@ class SearchDriver:
 
         scored = {}
         if self.scorer is not None and cfg.uses_ppm:
-            flat = [(i, c) for i in cands for c in cands[i]]
-            with self._phase("score"):
-                values = self.scorer.score([prompts[i] + c.text for i, c in flat])
-            scored = {id(c): float(v) for (_, c), v in zip(flat, values)}
+            with self._phase("score"):  # a leaf's children share its prompt + path: run once per leaf
+                values = self.scorer.score_groups([[prompts[i] + c.text for c in cands[i]] for i in cands])
+            scored = {id(c): float(v) for i, vs in zip(cands, values) for c, v in zip(cands[i], vs)}
 
         with self._phase("tree", "backup"):
             tree, new_ids = self._insert(tree, leaf, cands, slots, graded, executed, scored)
