@@ -51,7 +51,9 @@ class Scorer:
         return search_score(model.v_head(hidden[:, -1]))  # left padding: every row's last token is at S-1
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        ids = [self.encode(t)[-self.max_tokens:] for t in texts]
+        return self._score_ids([self.encode(t)[-self.max_tokens:] for t in texts])
+
+    def _score_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         out = np.zeros(len(ids), np.float32)
         order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a bucket
         for start in range(0, len(ids), self.batch):
@@ -81,7 +83,7 @@ class Scorer:
         if not live:
             return out
         if sum(len(ids[k]) for k in live) < self.min_group * len(live):
-            return np.split(self.score([t for g in groups for t in g]), np.cumsum([len(g) for g in groups])[:-1])
+            return np.split(self._score_ids([t for g in ids for t in g]), np.cumsum([len(g) for g in ids])[:-1])
         split = {k: _shared_length(ids[k]) for k in live}  # tokens of group k run once; each row keeps >= 1
         n = 1 << (max(len(ids[k]) for k in live) - 1).bit_length()  # rows per group, a power of two
         per_call = max(1, self.group_rows // n)
