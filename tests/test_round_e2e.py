@@ -49,9 +49,13 @@ def _flags(root) -> list[str]:
             "--eval_methods=greedy", "--progress_every_s=600"]
 
 
+def _env(**env_vars):
+    """The environment without the suite's 8 fake devices: each stage process sees one."""
+    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env_vars}
+
+
 def _run(cmd, **env_vars):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env_vars}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(**env_vars), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -93,8 +97,7 @@ def test_three_rounds_resume_and_report(setup):
 def test_a_round_without_preference_pairs_stops_with_its_policy_saved(setup, tmp_path):
     cmd = [sys.executable, "-m", "experiments.round", f"--run_dir={tmp_path / 'run'}", "--round=1", *_flags(setup),
            "--mode=terminal", "--limit=2", "--pairs_per_side=0"]
-    proc = subprocess.run(cmd, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "yielded no preference pairs" in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "run" / "round_1" / "policy" / "DONE.json").exists()
     assert not (tmp_path / "run" / "round_1" / "ppm").exists()
