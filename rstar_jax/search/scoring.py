@@ -10,8 +10,9 @@ from flax import nnx
 
 from rstar_jax.models.ppm import PPM, search_score
 from rstar_jax.models.qwen2 import KVCache, SharedPrefix, positions_from_mask
+from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS
 
-BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+BUCKETS = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b >= 64)  # texts: whole prompts + paths
 SUFFIX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
