@@ -54,11 +54,16 @@ def test_query_chunked_attention_equals_whole():
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 
 
-def test_query_blocks_bound_the_logits_memory():
+def test_query_blocks_bound_the_logits_memory(monkeypatch):
+    import jax
+
     from rstar_jax.models.attention import query_block
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert query_block(batch=2, heads=4, keys=512) == 512  # 8 MiB of fp32 logits
     assert query_block(batch=16, heads=4, keys=512) == 64  # a 16-prompt prefill: 8 MiB at 64 queries
     assert query_block(batch=64, heads=28, keys=4096) == 64  # never below 64: the loop would cost more
     for batch in (1, 2, 8, 32):
         block = query_block(batch=batch, heads=4, keys=1024)
         assert 64 <= block <= 512 and (block == 64 or batch * 4 * block * 1024 * 4 <= 8 << 20)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert query_block(batch=64, heads=28, keys=4096) == 512  # accelerators pool their memory

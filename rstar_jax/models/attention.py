@@ -47,10 +47,13 @@ def _chunked_xla_attention(q, k, v, mask, scale, chunk):
 
 
 def query_block(batch: int, heads: int, keys: int, budget_bytes: int = 8 << 20) -> int:
-    """Queries per block of the "xla" path: the most (a power of two in [64, 512]) whose fp32 logits
-    [batch, heads, block, keys] fit `budget_bytes`. Logits blocks that large faulted in fresh pages
-    on every call on CPU (a 16 x 512-token prefill of the miniature: 470 ms at 512 queries a block,
-    252 ms at 64); below 64, the loop's overhead wins."""
+    """Queries per block of the "xla" path on CPU: the most (a power of two in [64, 512]) whose fp32
+    logits [batch, heads, block, keys] fit `budget_bytes`. Larger blocks faulted in fresh pages on
+    every call (XLA:CPU's temporaries come from the OS each time: a 16 x 512-token prefill of the
+    miniature took 470 ms at 512 queries a block, 252 ms at 64); below 64, the loop's overhead wins.
+    Accelerators reuse their memory pool, so they keep blocks of 512 (memory linear in T, few steps)."""
+    if jax.default_backend() != "cpu":
+        return 512
     block = 512
     while block > 64 and batch * heads * block * keys * 4 > budget_bytes:
         block //= 2
@@ -63,8 +66,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
 
     q: [B, T, H, Dh]; k, v: [B, G, S, Dh] (heads-major, the KV-cache layout) with H a multiple of G;
     mask: [B, T, S] bool (True = may attend). Returns [B, T, H, Dh]. "xla" handles queries in blocks
-    of `query_chunk` (default: `query_block`) once T exceeds it (long prefills and training: memory
-    linear in T, not T*S).
+    of `query_chunk` (default: `query_block`) once T exceeds it (memory linear in T, not T*S).
     "dot_product" goes through `jax.nn.dot_product_attention`'s default path (XLA in jax 0.10);
     "cudnn" through its cuDNN fused kernel (NVIDIA GPUs, bf16/fp16 only).
     """
