@@ -90,6 +90,21 @@ def test_fan_out_equals_separate_prefills(tiny_model):
     assert [s.token_ids for s in other[1]] != [s.token_ids for s in together[1]]
 
 
+def test_cpu_decode_options_change_speed_not_samples(tiny_model, monkeypatch):
+    import jax
+
+    from rstar_jax.sampling import CPU_DECODE_COMPILER_OPTIONS, decode_compiler_options
+    prompts = _prompts(2, [5, 11])
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0)
+    ours = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(16,)).generate(prompts, n=2, config=cfg, seed=3)
+    xla = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(16,), xla_defaults=True).generate(
+        prompts, n=2, config=cfg, seed=3)
+    assert [[s.token_ids for s in per] for per in ours] == [[s.token_ids for s in per] for per in xla]
+    assert decode_compiler_options() == CPU_DECODE_COMPILER_OPTIONS and decode_compiler_options(True) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert decode_compiler_options() is None  # CPU options only
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model):
     prompts = _prompts(4, [6, 3])
     sampler = Sampler(tiny_model, _decode_fn({}))
