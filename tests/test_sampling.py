@@ -4,7 +4,7 @@ import pytest
 from flax import nnx
 
 from rstar_jax.models import Qwen2, preset
-from rstar_jax.sampling import Sampler, SamplingConfig
+from rstar_jax.sampling import CPU_CONCURRENT_CALLS, Sampler, SamplingConfig
 
 # A random tiny model repeats one token greedily; seeded sampling gives varied but reproducible text.
 SEEDED = SamplingConfig(max_new_tokens=24, temperature=1.0)
@@ -147,7 +147,9 @@ def test_sharded_sampler_matches_single_device(tiny_model):
     prompts = _prompts(7, [5, 9, 3])
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
     single = Sampler(tiny_model, _decode_fn({})).generate(prompts, n=2, config=cfg, seed=4)
-    on_mesh = Sampler(sharded, _decode_fn({}), mesh=mesh, batch_multiple=4).generate(prompts, n=2, config=cfg, seed=4)
+    mesh_sampler = Sampler(sharded, _decode_fn({}), mesh=mesh, batch_multiple=4)
+    assert mesh_sampler.concurrent_calls == 1  # one program over the mesh's devices, not threads
+    on_mesh = mesh_sampler.generate(prompts, n=2, config=cfg, seed=4)
     assert [[s.token_ids for s in per] for per in on_mesh] == [[s.token_ids for s in per] for per in single]
 
 
@@ -187,8 +189,10 @@ def test_bad_sampling_input_is_refused(tiny_model):
 def test_doubling_decode_segments_match_one_segment(tiny_model):
     prompts = _prompts(8, [6, 11, 2])
     cfg = SamplingConfig(max_new_tokens=21, temperature=1.0)
-    whole = Sampler(tiny_model, _decode_fn({}), first_segment=64).generate(prompts, n=2, config=cfg, seed=5)
-    segmented = Sampler(tiny_model, _decode_fn({}), first_segment=4)  # 4 -> 8 -> 16 -> 21 own slots
+    # One call's shapes (concurrent groups would compile the growth once per group shape).
+    whole = Sampler(tiny_model, _decode_fn({}), first_segment=64, concurrent_calls=1).generate(
+        prompts, n=2, config=cfg, seed=5)
+    segmented = Sampler(tiny_model, _decode_fn({}), first_segment=4, concurrent_calls=1)  # 4 -> 8 -> 16 -> 21 slots
     segmented._grow.clear_cache()  # jit's cache is per function, shared with earlier tests' samplers
     got = segmented.generate(prompts, n=2, config=cfg, seed=5)
     assert [[s.token_ids for s in per] for per in got] == [[s.token_ids for s in per] for per in whole]
@@ -203,8 +207,24 @@ def test_batch_padding_rows_never_hold_the_loop(tiny_model):
     cfg = SamplingConfig(max_new_tokens=64, temperature=1.0)
     plain = Sampler(tiny_model, _decode_fn({})).generate(prompts, n=2, config=cfg)
     stops = sorted({per[j].token_ids[3] for per in plain for j in range(2)})
-    sampler = Sampler(tiny_model, _decode_fn({}), stop_token_ids=stops)
+    sampler = Sampler(tiny_model, _decode_fn({}), stop_token_ids=stops, concurrent_calls=1)
     samples = sampler.generate(prompts, n=2, config=cfg)
     lengths = [len(s.token_ids) for per in samples for s in per]
     assert all(s.finish_reason == "stop" for per in samples for s in per)
     assert sampler.last_timing["batch_rows"] == 8 and sampler.last_timing["steps"] == max(lengths) <= 4
+
+
+def test_concurrent_groups_give_the_same_samples_in_prompt_order(tiny_model):
+    # Prompts of mixed lengths in no order: split by length into groups decoded in parallel threads.
+    prompts = _prompts(9, [12, 3, 40, 7, 25, 3, 18])
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    one = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(64,), concurrent_calls=1)
+    two = Sampler(tiny_model, _decode_fn({}), prompt_buckets=(64,), concurrent_calls=2)
+    assert two.concurrent_calls == 2 and Sampler(tiny_model, _decode_fn({})).concurrent_calls == CPU_CONCURRENT_CALLS
+    got, want = (s.generate(prompts, n=3, config=cfg, seed=2, prompt_ids=range(10, 17)) for s in (two, one))
+    assert [[s.token_ids for s in per] for per in got] == [[s.token_ids for s in per] for per in want]
+    assert two.last_timing["groups"] == 2 and two.last_timing["batch_rows"] == (4 + 4) * 3
+    with pytest.raises(ValueError, match="concurrent_calls"):
+        Sampler(tiny_model, _decode_fn({}), concurrent_calls=0)
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        two.generate([[1], [2], []])

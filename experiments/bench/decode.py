@@ -6,13 +6,16 @@
   python -m experiments.bench.decode --preset=qwen2.5-1.5b --dtype=bfloat16   # on a GPU
   python -m experiments.bench.decode --against=xla_defaults --preset=tiny --min_len=64 --max_len=320 \
       --new_tokens=128   # the miniature's shapes: our CPU decode options vs XLA's defaults
+  python -m experiments.bench.decode --against=one_call --preset=tiny --min_len=64 --max_len=320 \
+      --num_prompts=32 --n=4 --new_tokens=72   # an MCTS expansion of the miniature: concurrent groups vs one call
 
 Workload: prompts of random length in [min_len, max_len], n samples each, `new_tokens` sampled tokens
 (no stop), random weights of a ~50M-parameter Qwen2-shaped fp32 config (or `--preset`'s shapes). Both
 run on JAX's default device: a GPU if JAX has one (PyTorch then uses CUDA too), else the CPU. Prints
 tokens/s and peak memory of both, our achieved fraction of this machine's measured matmul peak and
-memory bandwidth, and last `ratio=<ours/HF tokens per second>`. `--against=xla_defaults` compares with our
-own sampler compiled with XLA's default options instead (`rstar_jax.sampling.CPU_DECODE_COMPILER_OPTIONS`).
+memory bandwidth, and last `ratio=<ours/HF tokens per second>`. `--against` compares with our own sampler
+instead: `xla_defaults` compiled with XLA's default options (`rstar_jax.sampling.CPU_DECODE_COMPILER_OPTIONS`),
+`one_call` running each call as one batch (no concurrent groups: `rstar_jax.sampling.CPU_CONCURRENT_CALLS`).
 """
 from __future__ import annotations
 
@@ -32,8 +35,11 @@ flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_string("preset", "", "model shapes of this preset (rstar_jax.models.config.PRESETS); default: ~48M")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype of both models")
 flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product", "cudnn"], "our prefill attention")
-flags.DEFINE_enum("against", "hf", ["hf", "xla_defaults"], "baseline: HF generate, or our sampler with XLA's "
-                  "default decode compiler options")
+# Baselines that are our own sampler with one setting changed: (description, Sampler keyword arguments).
+OUR_BASELINES = {"xla_defaults": ("ours with XLA's default decode options", dict(xla_defaults=True)),
+                 "one_call": ("ours with one batch per call", dict(concurrent_calls=1))}
+flags.DEFINE_enum("against", "hf", ["hf", *OUR_BASELINES], "baseline: HF generate, or our sampler with XLA's "
+                  "default decode compiler options, or with every call run as one batch")
 FLAGS = flags.FLAGS
 
 
@@ -63,9 +69,9 @@ def make_prompts(rng, num, lo, hi, vocab):
     return [rng.integers(1, vocab, int(n)).tolist() for n in rng.integers(lo, hi + 1, num)]
 
 
-def run_ours(model, prompts, n, new_tokens, seed, xla_defaults=False):
+def run_ours(model, prompts, n, new_tokens, seed, **sampler_kwargs):
     from rstar_jax.sampling import Sampler, SamplingConfig
-    sampler = Sampler(model, lambda ids: "", prompt_buckets=(64, 128, 256, 512, 1024), xla_defaults=xla_defaults)
+    sampler = Sampler(model, lambda ids: "", prompt_buckets=(64, 128, 256, 512, 1024), **sampler_kwargs)
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
     sampler.generate(prompts[:1], n=n, config=cfg, seed=seed)  # compile the batch-1 shapes off the clock
     warm = time.perf_counter()
@@ -125,8 +131,8 @@ def main(argv):
     ours_tokens, ours_s, ours_mem, compile_s, timing = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed)
     ours_tps = ours_tokens / ours_s
     print(f"ours: {ours_tokens} tokens in {ours_s:.2f} s = {ours_tps:.1f} tokens/s; peak memory +{ours_mem:.0f} MiB; "
-          f"(compile {compile_s:.1f} s, off the clock; padded rows {timing['batch_rows']}, "
-          f"prompt bucket {timing['prompt_bucket']})", flush=True)
+          f"(compile {compile_s:.1f} s, off the clock; padded rows {timing['batch_rows']} in {timing['groups']} "
+          f"concurrent groups, prompt bucket {timing['prompt_bucket']})", flush=True)
 
     # Model FLOPs actually needed: one prefill per prompt + decode of every sample.
     params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
@@ -144,11 +150,11 @@ def main(argv):
     print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {flops / ours_s / peak_flops:.0%} of matmul peak; "
           f"{bytes_moved / ours_s / 1e9:.2f} GB/s = {bytes_moved / ours_s / bandwidth:.0%} of bandwidth", flush=True)
 
-    if FLAGS.against == "xla_defaults":
-        base_tokens, base_s, base_mem, _, _ = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed,
-                                                       xla_defaults=True)
-        print(f"ours with XLA's default decode options: {base_tokens} tokens in {base_s:.2f} s = "
-              f"{base_tokens / base_s:.1f} tokens/s; peak memory +{base_mem:.0f} MiB", flush=True)
+    if FLAGS.against in OUR_BASELINES:
+        name, kwargs = OUR_BASELINES[FLAGS.against]
+        base_tokens, base_s, base_mem, _, _ = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed, **kwargs)
+        print(f"{name}: {base_tokens} tokens in {base_s:.2f} s = {base_tokens / base_s:.1f} tokens/s; "
+              f"peak memory +{base_mem:.0f} MiB", flush=True)
         print(f"ratio={ours_tps / (base_tokens / base_s):.2f}")
         return
 
