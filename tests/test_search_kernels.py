@@ -133,12 +133,41 @@ def test_select_ties_terminal_children_and_dead_ends():
     tree, leaf, done = select.select(tree, leaf, done, limit, **kwargs)
     assert int(leaf[0]) == 3 and int(done[0]) == 1
     assert int(tree.terminal_reason[0, 1]) == tr.DEAD_END
-    # Child 3 gets no children at all: it is a dead end, and so is the root, whose children are now all terminal.
+    # Child 3 gets no children at all: it is a dead end (the rollout ends), and the next descent finds the root
+    # a dead end too, its children now all terminal (that spends a rollout as well): the tree is finished.
     tree, _ = tr.insert(tree, leaf, jnp.array([0]), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)),
                         jnp.zeros((1, 1)), jnp.zeros((1, 1), jnp.int32), max_depth=16)
     tree, leaf, done = select.select(tree, leaf, done, limit, **kwargs)
-    assert int(leaf[0]) == -1 and int(done[0]) == 2
+    assert int(leaf[0]) == -1 and int(done[0]) == 3
     assert [int(r) for r in tree.terminal_reason[0, :4]] == [tr.DEAD_END, tr.DEAD_END, tr.ANSWER, tr.DEAD_END]
+
+
+def test_a_dead_end_found_from_the_root_does_not_end_the_search():
+    # root -> A (1), B (2); A -> A1 (3), E (4, exec error); A1 -> one correct answer (5). The rollout ends at A1
+    # (its only child is terminal); the restart goes to A (Q = 1 beats B's 0), whose children are now all
+    # terminal: A is a dead end, that rollout is spent, and the next one takes B, in the same call.
+    def grow(tree, leaf, reasons, rewards):
+        k = len(reasons)
+        tree, ids = tr.insert(tree, jnp.array([leaf]), jnp.array([k]), jnp.array([reasons], jnp.int32),
+                              jnp.array([rewards], jnp.float32), jnp.full((1, k), jnp.nan), jnp.arange(k)[None],
+                              max_depth=16)
+        return backup.backup_children(tree, ids, ppm_leaf_values=False, propagate_failures=False)
+
+    tree = tr.empty(1, 16)
+    ref = ReferenceTree(max_depth=16, capacity=16)
+    kwargs, limit = dict(score_fn=select.uct(), max_children=2), jnp.array([8])
+    cursor, done = jnp.array([0]), jnp.array([0])
+    for reasons, rewards in [([tr.NONE, tr.NONE], [0.0, 0.0]), ([tr.NONE, tr.EXEC_ERROR], [0.0, -1.0]),
+                             ([tr.ANSWER], [1.0])]:
+        tree, leaf, done = select.select(tree, cursor, done, limit, **kwargs)
+        ref_leaf = ref.select(8)
+        assert int(leaf[0]) == ref_leaf.id
+        tree = grow(tree, int(leaf[0]), reasons, rewards)
+        ref.expand(ref_leaf, [Candidate(r, w, float("nan"), j) for j, (r, w) in enumerate(zip(reasons, rewards))])
+        cursor = leaf
+    tree, leaf, done = select.select(tree, cursor, done, limit, **kwargs)
+    assert int(leaf[0]) == 2 and int(done[0]) == 2 and ref.select(8).id == 2 and ref.rollouts_done == 2
+    assert [int(r) for r in tree.terminal_reason[0, :4]] == [tr.NONE, tr.DEAD_END, tr.NONE, tr.DEAD_END]
 
 
 def test_backup_terminal_guided_and_ppm():
@@ -161,8 +190,13 @@ def test_backup_terminal_guided_and_ppm():
 def test_insert_depth_limit_and_capacity():
     tree = tr.empty(2, 4)
     none = jnp.zeros((2, 3), jnp.int32)
+    # Depth max_depth is allowed (the reference's `depth > max_depth`); only deeper steps are terminal.
     tree, ids = tr.insert(tree, jnp.array([0, 0]), jnp.array([3, 1]), none, jnp.zeros((2, 3)), jnp.zeros((2, 3)),
                           none, max_depth=1)
+    assert [int(r) for r in tree.terminal_reason[:, 1]] == [tr.NONE] * 2
+    tree = tr.empty(2, 4)
+    tree, ids = tr.insert(tree, jnp.array([0, 0]), jnp.array([3, 1]), none, jnp.zeros((2, 3)), jnp.zeros((2, 3)),
+                          none, max_depth=0)
     np.testing.assert_array_equal(ids, [[1, 2, 3], [1, -1, -1]])
     assert [int(r) for r in tree.terminal_reason[0, 1:4]] == [tr.MAX_DEPTH] * 3
     np.testing.assert_array_equal(tree.reward[0, 1:4], [-1, -1, -1])

@@ -58,7 +58,7 @@ class SearchConfig:
     @property
     def tree_capacity(self) -> int:
         # Each rollout expands at most one new node per level, each into at most n children.
-        return self.capacity or 1 + self.rollout_cap * self.max_depth * self.num_candidates
+        return self.capacity or 1 + self.rollout_cap * (self.max_depth + 1) * self.num_candidates
 
     def digest(self) -> str:
         """Identifies the settings that shape the trees (batch_size does not), for resume checks."""

@@ -97,10 +97,11 @@ class ReferenceTree:
         if self.cursor is None:
             return None
         leaf = self._descend(self.cursor)
-        if leaf is None:
+        while leaf is None:  # the rollout is over; a descent from the root that ends in a dead end spends one too
             self.rollouts_done += 1
-            if self.rollouts_done < rollout_limit:
-                leaf = self._descend(self.root)
+            if self.rollouts_done >= rollout_limit or self.root.is_terminal:
+                break
+            leaf = self._descend(self.root)
         self.cursor = leaf
         return leaf
 
@@ -113,7 +114,7 @@ class ReferenceTree:
         for cand in candidates:
             child = Node(len(self.nodes), leaf, leaf.depth + 1, cand.terminal_reason, cand.reward, cand.init_value,
                          cand.text_index)
-            if not child.is_terminal and child.depth >= self.max_depth:
+            if not child.is_terminal and child.depth > self.max_depth:
                 child.terminal_reason, child.reward = MAX_DEPTH, -1.0
             leaf.children.append(child)
             self.nodes.append(child)

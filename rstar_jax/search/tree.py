@@ -67,7 +67,8 @@ def insert(tree: Tree, leaf: jax.Array, num_new: jax.Array, terminal_reason: jax
 
     leaf: [B] node to expand (-1: tree not expanded this step); num_new: [B] children to write (the first
     num_new of each row below are used); terminal_reason, reward, init_value, text_index: [B, K] per
-    candidate child. A non-terminal child at depth >= max_depth becomes a MAX_DEPTH terminal with reward -1.
+    candidate child. A non-terminal child deeper than max_depth becomes a MAX_DEPTH terminal with reward -1 (the reference's
+    `depth > max_depth`: a step at depth max_depth may still be expanded, e.g. into its answer).
     A leaf that gets no children (none given, or they would not fit in the capacity) becomes a DEAD_END.
     Returns the tree and the new children's node ids, [B, K] (-1 where none was written).
     """
@@ -80,7 +81,7 @@ def insert(tree: Tree, leaf: jax.Array, num_new: jax.Array, terminal_reason: jax
     slot = jnp.arange(k)[None, :]  # [1, K]
     ids = jnp.where(slot < num_new[:, None], tree.num_nodes[:, None] + slot, -1)  # [B, K]
     child_depth = tree.depth[rows, leaf_][:, None] + 1  # [B, 1]
-    too_deep = (terminal_reason == NONE) & (child_depth >= max_depth)
+    too_deep = (terminal_reason == NONE) & (child_depth > max_depth)
     reason = jnp.where(too_deep, MAX_DEPTH, terminal_reason)
     reward = jnp.where(too_deep, -1.0, reward)
 
