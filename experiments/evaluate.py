@@ -76,6 +76,22 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _check_mcts_models(out_dir: str, policy_dir: str, reward_dir: str) -> None:
+    """The MCTS trees resume by search settings only, so pin the models they were searched with
+    (`mcts/models.json`): other models on the same `out_dir` are refused, before anything is loaded."""
+    models = {"policy": policy_dir, "reward_model": reward_dir}
+    marker = os.path.join(out_dir, "mcts", "models.json")
+    if os.path.exists(marker) and os.path.exists(os.path.join(out_dir, "mcts", "trees.jsonl")):
+        with open(marker) as f:
+            saved = json.load(f)
+        if saved != models:
+            raise ValueError(f"{out_dir}/mcts/trees.jsonl holds searches by policy {saved['policy']} with reward "
+                             f"model {saved['reward_model']}, not {policy_dir} with {reward_dir}; "
+                             f"use another --out (or remove that directory)")
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    write_json_atomic(marker, models)
+
+
 def _cached(path: str, digest: str, compute: Callable[[], dict], progress) -> dict:
     """A method's raw results: from `path` when written with the same settings, else computed and saved."""
     if os.path.exists(path):
@@ -112,13 +128,15 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     if missing:
         raise ValueError(f"method(s) {missing} need a reward model (--reward_model)")
     os.makedirs(os.path.join(out_dir, "methods"), exist_ok=True)
+    if "mcts" in spec.methods:
+        _check_mcts_models(out_dir, policy_dir, reward_dir)
     cfg = search_config
     base = baselines.BaselineConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                     max_step_tokens=cfg.max_step_tokens, max_context_tokens=cfg.max_context_tokens,
                                     exec_timeout_s=cfg.exec_timeout_s, seed=cfg.seed, beam_width=spec.beam_width,
                                     samples_per_beam=cfg.num_candidates, max_depth=cfg.max_depth)
     ids = [p["id"] for p in problems]
-    difficulties = [p.get("difficulty") for p in problems]
+    difficulties = [p.get("difficulty", p.get("level")) for p in problems]  # MATH-500 has levels 1-5
     max_n = max(spec.ns)
     mesh = local_mesh(mesh_shape)
     tokenizer, model = load_policy(policy_dir, mesh=mesh)

@@ -170,6 +170,9 @@ def test_sample_solutions_scripted(sandbox, grader):
     assert [t["correct"] for t in best] == [True, True, None]
     votes = bl.majority_vote(pools, grader=grader)  # a+b twice, a once
     assert [t["final_answer"] for t in votes] == ["7", "15", "2"]
+    # A plain vote: the scores best-of-N put on the shared pool never break its ties.
+    tie = [[{**pools[0][0], "final_answer": "1", "score": -0.9}, {**pools[0][0], "final_answer": "2", "score": 0.9}]]
+    assert bl.majority_vote(tie)[0]["final_answer"] == "1" and bl.best_of_n(tie)[0]["final_answer"] == "2"
     # The pool of n is the first n of a larger pool (streams per problem and sample).
     small = bl.sample_solutions(ScriptedSampler(block_script, bl.BLOCK_STOPS), CharTokenizer(), SCRIPTED_PROBLEMS, 2,
                                 sandbox=sandbox, grader=grader)

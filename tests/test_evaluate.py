@@ -34,6 +34,8 @@ def test_row_accuracy_by_difficulty_and_table():
     assert row["tokens_per_problem"] == 10 and row["correct"] == [True, False, True, True]
     table = report.markdown_table([row])
     assert "| mini | majority | 4 | 75.0% |" in table and "d=10" in table
+    omni = report.make_row("omni", "greedy", 1, [True, False, True], [10.0, 2.5, "x"], tokens=3, wall_s=1)
+    assert list(omni["by_difficulty"]) == ["2.5", "10.0", "x"]
 
 
 def _record(pid, seed, answers, tokens=7):
@@ -73,7 +75,8 @@ SMALL = SearchConfig(mode="inference", rollouts=2, num_candidates=3, max_depth=4
 @pytest.fixture(scope="module")
 def evaluated(miniature, tmp_path_factory):
     rng = random.Random(11)
-    problems = [{**example_problem(rng, i)[0], "difficulty": 1 + i % 2} for i in range(3)]
+    # Difficulty under MATH-500's name for it, "level".
+    problems = [{**example_problem(rng, i)[0], "level": 1 + i % 2} for i in range(3)]
     out = str(tmp_path_factory.mktemp("eval"))
     spec = EvalSpec(methods=("greedy", "majority", "best_of_n", "beam", "mcts"), ns=(1, 2), beam_width=2,
                     bootstrap=200)
@@ -130,6 +133,10 @@ def test_a_rerun_reuses_finished_methods(evaluated, miniature):
     assert sum("reusing" in line for line in lines) == 3  # greedy, samples, beam; MCTS resumes its trees file
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
     assert strip(again["rows"]) == strip(summary["rows"])
+    # The trees resume by search settings; searches of other models on that directory are refused up front.
+    with pytest.raises(ValueError, match="mcts/trees.jsonl holds searches by policy"):
+        evaluate(problems, set_name="mini", policy_dir=miniature["policy"] + "/", reward_dir=miniature["ppm"],
+                 out_dir=out, spec=spec, search_config=SMALL)
 
 
 def test_methods_needing_a_reward_model_are_refused_without_one(tmp_path):

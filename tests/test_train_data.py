@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rstar_jax.train.batching import BatchConfig, BatchIterator, IteratorState
-from rstar_jax.train.records import RecordError, holdout_split, read_records
+from rstar_jax.train.records import Record, RecordError, holdout_split, read_records
 from rstar_jax.train.tasks import PPMTask, SFTTask
 from tests.train_fixtures import CharTokenizer, sft_records, write_jsonl
 
@@ -112,3 +112,11 @@ def test_holdout_split_is_seeded_and_disjoint():
     assert len(held) == 2 and len(train) == 38
     assert not {r.fields["id"] for r in held} & {r.fields["id"] for r in train}
     assert [r.fields["id"] for r in holdout_split(recs, 0.05, seed=1)[1]] == [r.fields["id"] for r in held]
+    # Pairs of one step (one prompt, 2 positives x 2 negatives) are held out together, never split.
+    pairs = [Record({"id": f"{s}/{p}-{n}", "prompt": f"q{s}", "pos": p, "neg": n}, f"pairs.jsonl:{k}")
+             for k, (s, p, n) in enumerate((s, p, n) for s in range(10) for p in "ab" for n in "cd")]
+    train, held = holdout_split(pairs, 0.05, seed=3)
+    assert len(held) == 4 and len(train) == 36
+    assert {r.fields["prompt"] for r in held}.isdisjoint(r.fields["prompt"] for r in train)
+    with pytest.raises(RecordError, match="leaves nothing to train on"):
+        holdout_split(pairs[:4], 0.5, seed=0)

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,9 @@ def test_train_rm_ppm_end_to_end(tmp_path):
          "--learning_rate=2e-3", "--holdout_fraction=0.25", "--log_every=10", "--length_buckets=32",
          "--peak_flops=1e11", "--attention_impl=dot_product"], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "36 training examples from 36 records" in proc.stdout and "12 held out" in proc.stdout
+    # A quarter held out, whole prompts at a time (some prompts repeat): 12 or a few more.
+    counts = re.search(r"(\d+) training examples from \1 records .* (\d+) held out", proc.stdout)
+    assert counts and int(counts[1]) + int(counts[2]) == 48 and 12 <= int(counts[2]) <= 15, proc.stdout
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["eval"]["accuracy"] >= 0.9  # the "right" token is a give-away

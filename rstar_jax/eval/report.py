@@ -50,7 +50,11 @@ def make_row(set_name: str, method: str, n: int, correct: Sequence[bool], diffic
 
 
 def _order(key: str):
-    return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
+    """Numeric difficulties in numeric order (Omni-MATH's are floats), then the others by name."""
+    try:
+        return (0, float(key), "")
+    except ValueError:
+        return (1, 0.0, key)
 
 
 def best_answer(record: TreeRecord) -> Node | None:

@@ -278,9 +278,12 @@ def majority_vote(pools: Sequence[Sequence[Mapping]], *, grader=None) -> list[Ma
     """Per problem a solution carrying the pool's most common final answer (None where none has an answer).
 
     Answers are grouped by `selection.group_answers` (canonical string / exact number value; with a grader
-    also the grader's equivalence). Ties: higher summed score when every voter is scored, then first seen.
+    also the grader's equivalence). A plain vote: ties go to the answer seen first, and reward-model scores
+    (present when best-of-N shares the pool) are ignored, so the baseline never depends on a reward model.
     """
-    return selection.select(pools, selection.majority, grader=grader)
+    unscored = [[{**t, "score": None} for t in pool] for pool in pools]
+    chosen = selection.select_indices(unscored, selection.majority, grader=grader)
+    return [None if i is None else pool[i] for pool, i in zip(pools, chosen)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -92,13 +92,24 @@ def read_records(kind: str, paths: str | Sequence[str]) -> list[Record]:
 
 
 def holdout_split(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(train, held out): a seeded `fraction` of the records (at least one when fraction > 0) held out."""
+    """(train, held out): about a seeded `fraction` of the records (at least one when fraction > 0) held out.
+
+    Records that share a prompt are held out together: a step's preference pairs cross the same positives
+    with the same negatives, so holding out one pair alone would test on texts trained on.
+    """
     import numpy as np
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction {fraction} must be in [0, 1)")
     n_out = 0 if fraction == 0 else max(1, int(round(len(records) * fraction)))
-    if n_out >= len(records):
-        raise RecordError(f"holdout fraction {fraction} of {len(records)} records leaves nothing to train on")
-    order = np.random.default_rng(seed).permutation(len(records))
-    held = set(order[:n_out].tolist())
+    groups: dict[str, list[int]] = {}  # prompt -> record indices, in order of first appearance
+    for i, r in enumerate(records):
+        groups.setdefault(r.fields.get("prompt", ""), []).append(i)
+    held: set[int] = set()
+    for g in np.random.default_rng(seed).permutation(len(groups)):
+        if len(held) >= n_out:
+            break
+        held.update(list(groups.values())[g])
+    if len(held) >= len(records) and n_out > 0:
+        raise RecordError(f"holdout fraction {fraction} of {len(records)} records ({len(groups)} prompts) leaves "
+                          "nothing to train on")
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
