@@ -42,10 +42,12 @@ def load_problem_set(spec: str, limit: int = 0) -> list[dict]:
 
 def load_scorer(hf_dir: str, max_tokens: int, mesh=None):
     from rstar_jax.models.pretrained import load_reward_model
+    from rstar_jax.sampling import default_concurrent_calls
     from rstar_jax.search.scoring import Scorer
     tokenizer, ppm = load_reward_model(hf_dir, mesh=mesh)
     return Scorer(ppm, lambda text: tokenizer.encode(text, add_special_tokens=False),
-                  pad_id=tokenizer.pad_token_id or 0, max_tokens=max_tokens)
+                  pad_id=tokenizer.pad_token_id or 0, max_tokens=max_tokens,
+                  concurrent_calls=default_concurrent_calls(mesh))
 
 
 def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):

@@ -141,6 +141,13 @@ def _grow_own_cache(state: DecodeState, *, length: int) -> DecodeState:
                                              valid=jnp.pad(cache.valid, ((0, 0), (0, extra)))))
 
 
+def default_concurrent_calls(mesh: jax.sharding.Mesh | None = None) -> int:
+    """Programs to run at once in parallel threads: CPU_CONCURRENT_CALLS on CPU without a multi-device mesh
+    (small programs keep about one core busy each), else 1 (one program spans the devices)."""
+    one_device = mesh is None or mesh.size == 1
+    return CPU_CONCURRENT_CALLS if jax.default_backend() == "cpu" and one_device else 1
+
+
 def decode_compiler_options(xla_defaults: bool = False) -> dict[str, str] | None:
     """The decode program's XLA options: CPU_DECODE_COMPILER_OPTIONS on CPU, the defaults elsewhere."""
     return None if xla_defaults or jax.default_backend() != "cpu" else dict(CPU_DECODE_COMPILER_OPTIONS)
@@ -193,8 +200,7 @@ class Sampler:
                                compiler_options=decode_compiler_options(xla_defaults))
         self._grow = jax.jit(_grow_own_cache, static_argnames=("length",))
         if concurrent_calls is None:
-            one_device = mesh is None or mesh.size == 1
-            concurrent_calls = CPU_CONCURRENT_CALLS if jax.default_backend() == "cpu" and one_device else 1
+            concurrent_calls = default_concurrent_calls(mesh)
         if concurrent_calls < 1:
             raise ValueError(f"concurrent_calls must be >= 1, got {concurrent_calls}")
         self.concurrent_calls = concurrent_calls

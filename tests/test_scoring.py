@@ -36,3 +36,18 @@ def test_grouped_scores_equal_scoring_each_text():
     for a, b in zip(scorer.score_groups(groups[:3]), grouped[:3]):
         np.testing.assert_allclose(a, b, atol=2e-5)
     assert [len(g) for g in scorer.score_groups([[], []])] == [0, 0]
+
+
+def test_concurrent_forwards_give_the_same_scores():
+    ppm = PPM(preset("tiny").replace(vocab_size=64, num_layers=2), rngs=nnx.Rngs(1))
+    ppm.v_head.weight[...] = np.linspace(-1, 1, ppm.config.hidden_size).astype(np.float32)
+    texts = [f"text {i}: " + "ab" * (i % 7) for i in range(11)]  # batches of 4: three forwards
+    one = Scorer(ppm, _encode, batch=4, concurrent_calls=1)
+    two = Scorer(ppm, _encode, batch=4, concurrent_calls=2)
+    np.testing.assert_array_equal(two.score(texts), one.score(texts))
+    assert len(two.score([])) == 0
+    groups = [[t + " x", t + " y", t + " z", t + " w"] for t in texts[:5]]
+    one.group_rows = two.group_rows = 8  # two groups a forward: three forwards
+    one.min_group = two.min_group = 0
+    for a, b in zip(two.score_groups(groups), one.score_groups(groups)):
+        np.testing.assert_array_equal(a, b)

@@ -1,6 +1,7 @@
 """Batched reward-model scoring of partial solutions (the PPM, or a PQM/ORM of the same shape)."""
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Sequence
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 
 from rstar_jax.models.ppm import PPM, search_score
 from rstar_jax.models.qwen2 import KVCache, SharedPrefix, positions_from_mask
-from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS
+from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, default_concurrent_calls
 
 BUCKETS = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b >= 64)  # texts: whole prompts + paths
 SUFFIX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -24,7 +25,10 @@ class Scorer:
     """
 
     def __init__(self, model: PPM, encode, *, pad_id: int = 0, max_tokens: int = 4096, batch: int = 32,
-                 group_rows: int = 128, min_group: float = 4.0):
+                 group_rows: int = 128, min_group: float = 4.0, concurrent_calls: int | None = None):
+        """concurrent_calls: forwards (of `batch` texts, or of `group_rows` rows) run at once in parallel
+        threads (default: `default_concurrent_calls()`, 2 on CPU). The batches do not depend on it, so
+        neither do the scores, to the bit: a different batch shape could change a score's last bit."""
         self.graphdef, self.params = nnx.split(model)
         self.encode, self.pad_id, self.max_tokens, self.batch = encode, pad_id, max_tokens, batch
         self.group_rows = group_rows  # continuation rows per `score_groups` forward
@@ -33,6 +37,14 @@ class Scorer:
         self.min_group = min_group
         self._forward = jax.jit(self._forward_impl)
         self._forward_groups = jax.jit(self._forward_groups_impl)
+        workers = default_concurrent_calls() if concurrent_calls is None else concurrent_calls
+        self._threads = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="scorer") \
+            if workers > 1 else None
+
+    def _run_all(self, forward, batches: list[tuple]) -> list[np.ndarray]:
+        """forward(params, *arrays) of every batch, as numpy, several at once when threads are allowed."""
+        run = lambda arrays: np.asarray(forward(self.params, *map(jnp.asarray, arrays)))
+        return list(self._threads.map(run, batches)) if self._threads and len(batches) > 1 else list(map(run, batches))
 
     def _forward_impl(self, params, tokens, mask):
         return search_score(nnx.merge(self.graphdef, params)(tokens, mask))  # [R]
@@ -57,6 +69,7 @@ class Scorer:
     def _score_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         out = np.zeros(len(ids), np.float32)
         order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a bucket
+        chunks, batches = [], []
         for start in range(0, len(ids), self.batch):
             chunk = order[start:start + self.batch]
             longest = max(len(ids[i]) for i in chunk)
@@ -68,7 +81,10 @@ class Scorer:
                 tokens[r, width - len(ids[i]):] = ids[i]
                 mask[r, width - len(ids[i]):] = True
             mask[len(chunk):, -1] = True  # filler rows
-            out[chunk] = np.asarray(self._forward(self.params, jnp.asarray(tokens), jnp.asarray(mask)))[:len(chunk)]
+            chunks.append(chunk)
+            batches.append((tokens, mask))
+        for chunk, values in zip(chunks, self._run_all(self._forward, batches)):
+            out[chunk] = values[:len(chunk)]
         return out
 
     def score_groups(self, groups: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -89,6 +105,7 @@ class Scorer:
         n = 1 << (max(len(ids[k]) for k in live) - 1).bit_length()  # rows per group, a power of two
         per_call = max(1, self.group_rows // n)
         live.sort(key=lambda k: split[k])  # similar prefix lengths share a bucket
+        chunks, batches = [], []
         for start in range(0, len(live), per_call):
             chunk = live[start:start + per_call]
             b = 1 << (len(chunk) - 1).bit_length()
@@ -103,8 +120,9 @@ class Scorer:
                 for j, t in enumerate(ids[k]):
                     tail = t[split[k]:]
                     rest[g * n + j, s - len(tail):], rest_mask[g * n + j, s - len(tail):] = tail, True
-            values = np.asarray(self._forward_groups(self.params, jnp.asarray(prefix), jnp.asarray(prefix_mask),
-                                                     jnp.asarray(rest), jnp.asarray(rest_mask)))
+            chunks.append(chunk)
+            batches.append((prefix, prefix_mask, rest, rest_mask))
+        for chunk, values in zip(chunks, self._run_all(self._forward_groups, batches)):
             for g, k in enumerate(chunk):
                 out[k] = values[g * n:g * n + len(ids[k])]
         return out
