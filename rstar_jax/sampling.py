@@ -148,6 +148,19 @@ def default_concurrent_calls(mesh: jax.sharding.Mesh | None = None) -> int:
     return CPU_CONCURRENT_CALLS if jax.default_backend() == "cpu" and one_device else 1
 
 
+class ConcurrentMap:
+    """`map(fn, items)` in order, over `workers` threads (inline when there is one worker or one item)."""
+
+    def __init__(self, workers: int, name: str):
+        if workers < 1:
+            raise ValueError(f"concurrent_calls must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name) if workers > 1 else None
+
+    def __call__(self, fn: Callable, items: Sequence) -> list:
+        return list(self._pool.map(fn, items)) if self._pool and len(items) > 1 else list(map(fn, items))
+
+
 def decode_compiler_options(xla_defaults: bool = False) -> dict[str, str] | None:
     """The decode program's XLA options: CPU_DECODE_COMPILER_OPTIONS on CPU, the defaults elsewhere."""
     return None if xla_defaults or jax.default_backend() != "cpu" else dict(CPU_DECODE_COMPILER_OPTIONS)
@@ -199,14 +212,13 @@ class Sampler:
         self._decode = jax.jit(self._decode_impl, static_argnames=("config",), donate_argnums=(1,),
                                compiler_options=decode_compiler_options(xla_defaults))
         self._grow = jax.jit(_grow_own_cache, static_argnames=("length",))
-        if concurrent_calls is None:
-            concurrent_calls = default_concurrent_calls(mesh)
-        if concurrent_calls < 1:
-            raise ValueError(f"concurrent_calls must be >= 1, got {concurrent_calls}")
-        self.concurrent_calls = concurrent_calls
-        self._threads = (concurrent.futures.ThreadPoolExecutor(concurrent_calls, thread_name_prefix="sampler")
-                         if concurrent_calls > 1 else None)
+        self._map = ConcurrentMap(default_concurrent_calls(mesh) if concurrent_calls is None else concurrent_calls,
+                                  "sampler")
         self.last_timing: dict[str, float] = {}
+
+    @property
+    def concurrent_calls(self) -> int:
+        return self._map.workers
 
     @classmethod
     def for_steps(cls, model: Qwen2, tokenizer, **kwargs) -> "Sampler":
@@ -327,9 +339,9 @@ class Sampler:
         start = time.perf_counter()
         # Groups of similar length (less padding), each a contiguous slice of the prompts sorted by length.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        groups = [g.tolist() for g in np.array_split(order, min(self.concurrent_calls, len(prompts)))]
+        groups = [g.tolist() for g in np.array_split(order, min(self._map.workers, len(prompts)))]
         run = lambda g: self._generate_group([prompts[i] for i in g], [prompt_ids[i] for i in g], n, config, seed)
-        outs = list(self._threads.map(run, groups)) if len(groups) > 1 else [run(groups[0])]
+        outs = self._map(run, groups)
         device_s = time.perf_counter() - start
         results = [None] * len(prompts)
         for g, (samples, _) in zip(groups, outs):

@@ -1,7 +1,6 @@
 """Batched reward-model scoring of partial solutions (the PPM, or a PQM/ORM of the same shape)."""
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Sequence
 
 import jax
@@ -11,7 +10,7 @@ from flax import nnx
 
 from rstar_jax.models.ppm import PPM, search_score
 from rstar_jax.models.qwen2 import KVCache, SharedPrefix, positions_from_mask
-from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, default_concurrent_calls
+from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, ConcurrentMap, default_concurrent_calls
 
 BUCKETS = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b >= 64)  # texts: whole prompts + paths
 SUFFIX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -37,14 +36,13 @@ class Scorer:
         self.min_group = min_group
         self._forward = jax.jit(self._forward_impl)
         self._forward_groups = jax.jit(self._forward_groups_impl)
-        workers = default_concurrent_calls() if concurrent_calls is None else concurrent_calls
-        self._threads = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="scorer") \
-            if workers > 1 else None
+        self._map = ConcurrentMap(default_concurrent_calls() if concurrent_calls is None else concurrent_calls,
+                                  "scorer")
 
     def _run_all(self, forward, batches: list[tuple]) -> list[np.ndarray]:
         """forward(params, *arrays) of every batch, as numpy, several at once when threads are allowed."""
         run = lambda arrays: np.asarray(forward(self.params, *map(jnp.asarray, arrays)))
-        return list(self._threads.map(run, batches)) if self._threads and len(batches) > 1 else list(map(run, batches))
+        return self._map(run, batches)
 
     def _forward_impl(self, params, tokens, mask):
         return search_score(nnx.merge(self.graphdef, params)(tokens, mask))  # [R]
