@@ -35,7 +35,7 @@ _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every
 
 def define_flags() -> None:
     search_flags.define()
-    train_common.define_flags("sft_")
+    train_common.define_flags("sft_", reward=False)
     train_common.define_flags("ppm_")
     flags.DEFINE_string("run_dir", None, "run directory (all rounds of one run)")
     flags.DEFINE_integer("round", 1, "which round to run (1..4)")

@@ -22,5 +22,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    train_common.define_flags()
+    train_common.define_flags(reward=False)
     app.run(main)

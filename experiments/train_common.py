@@ -16,9 +16,11 @@ from absl import flags
 from experiments import multihost
 from rstar_jax.models.config import ATTENTION_IMPLS
 
-def _field(default, help_text: str, kind: str | None = None, choices: Sequence[str] | None = None):
+def _field(default, help_text: str, kind: str | None = None, choices: Sequence[str] | None = None,
+           reward_only: bool = False):
     kind = kind or {bool: "bool", int: "integer", float: "float", str: "string", tuple: "list"}[type(default)]
-    return dataclasses.field(default=default, metadata={"help": help_text, "kind": kind, "choices": choices})
+    return dataclasses.field(default=default, metadata={"help": help_text, "kind": kind, "choices": choices,
+                                                        "reward_only": reward_only})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,8 @@ class TrainStageConfig:
     attention_impl: str = _field("xla", "attention kernel: xla (einsum), dot_product (jax.nn.dot_product_attention), "
                                  "cudnn (its fused cuDNN kernel: NVIDIA GPUs with --compute_dtype=bfloat16)", "enum",
                                  ATTENTION_IMPLS)
+    head_dropout: float = _field(0.1, "dropout on the value head's input in training (the reference's 0.1)",
+                                 reward_only=True)
     remat: bool = _field(False, "recompute each decoder layer in the backward pass (saves memory)")
     mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)")
     seed: int = _field(0, "data order and fresh-init seed")
@@ -68,11 +72,14 @@ class TrainStageConfig:
     skip_export: bool = _field(False, "do not write the HF export at the end")
 
 
-def define_flags(prefix: str = "") -> None:
-    """Defines the stage's flags (`--<prefix><field>`). Called by the programs' main only, so that modules
-    importing each other never define a flag twice; `experiments.round` uses prefixes `sft_` and `ppm_`."""
+def define_flags(prefix: str = "", reward: bool = True) -> None:
+    """Defines the stage's flags (`--<prefix><field>`; reward=False: without the reward-model-only ones).
+    Called by the programs' main only, so that modules importing each other never define a flag twice;
+    `experiments.round` uses prefixes `sft_` and `ppm_`."""
     for field in dataclasses.fields(TrainStageConfig):
         name, meta = prefix + field.name, field.metadata
+        if meta["reward_only"] and not reward:
+            continue
         if meta["kind"] == "enum":
             flags.DEFINE_enum(name, field.default, meta["choices"], meta["help"])
         else:
@@ -83,6 +90,8 @@ def define_flags(prefix: str = "") -> None:
 def config_from_flags(prefix: str = "", **overrides) -> TrainStageConfig:
     values = {}
     for field in dataclasses.fields(TrainStageConfig):
+        if prefix + field.name not in flags.FLAGS:  # a reward-model-only setting of an SFT stage
+            continue
         value = flags.FLAGS[prefix + field.name].value
         values[field.name] = tuple(value or ()) if field.metadata["kind"] == "list" else value
     return TrainStageConfig(**{**values, **overrides})
@@ -147,7 +156,8 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     tokenizer = tk.load_tokenizer(tok_dir)
     task_cls = TASKS[task_name]
     task = task_cls(tokenizer, cfg.max_len, cfg.overlength,
-                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                    **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else {}))
     records = read_records(task_cls.kind, train_files)
     holdout = cfg.holdout_fraction
     if holdout is None:  # the default: a reward model's accuracy on 5%, when that is at least one record
@@ -171,7 +181,7 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     train_cfg = TrainConfig(epochs=cfg.epochs, max_steps=cfg.max_steps, compute_dtype=cfg.compute_dtype,
                             remat=cfg.remat, log_every=cfg.log_every, eval_every=cfg.eval_every,
                             profile_start=cfg.profile_start, profile_steps=cfg.profile_steps,
-                            profile_dir=os.path.join(out, "profile"))
+                            profile_dir=os.path.join(out, "profile"), seed=cfg.seed)
     optim = OptimConfig(learning_rate=cfg.learning_rate, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
                         end_lr_fraction=cfg.end_lr_fraction, weight_decay=cfg.weight_decay,
                         max_grad_norm=cfg.max_grad_norm)

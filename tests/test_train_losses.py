@@ -1,9 +1,13 @@
 """Reward-model losses inside their tasks, against hand computations; the optimizer schedule."""
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
+from rstar_jax.models.ppm import ValueHead
 
 from rstar_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 from rstar_jax.train.tasks import ORMTask, PPMTask, PQMTask
@@ -15,7 +19,8 @@ sig = lambda x: 1 / (1 + math.exp(-x))
 class FirstTokenScorer:
     """A stand-in reward model: the score of a sequence is its first token id / 10."""
 
-    def __call__(self, tokens, mask):
+    def __call__(self, tokens, mask, head_dropout=None):
+        assert head_dropout is None  # the tasks ask for dropout only in training with a rate > 0
         return tokens[:, 0].astype(jnp.float32) / 10
 
 
@@ -57,10 +62,26 @@ def test_schedule_warms_up_then_decays(schedule, mid, end):
     assert float(f(60)) == pytest.approx(mid, abs=1e-6) and float(f(110)) == pytest.approx(end, abs=1e-6)
 
 
-def test_weight_decay_skips_biases_and_norms():
+def test_weight_decay_skips_biases_and_norms_but_not_the_value_head_weight():
     tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0), total_steps=10)
-    params = {"w": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
-    zero = {"w": jnp.zeros((2, 2)), "bias": jnp.zeros((2,))}
-    updates, _ = tx.update(zero, tx.init(params), params)
-    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)  # decay only
-    np.testing.assert_allclose(updates["bias"], 0.0)
+    params = {"w": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "norm": {"weight": jnp.ones((2,))},
+              "v_head": {"weight": jnp.ones((2,)), "bias": jnp.ones(())}}  # HF: v_head.summary.weight [1, D]
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    decayed = -0.1 * 0.5 * np.ones(2)  # zero gradients: the update is the decay alone
+    np.testing.assert_allclose(updates["w"], np.stack([decayed, decayed]), rtol=1e-6)
+    np.testing.assert_allclose(updates["v_head"]["weight"], decayed, rtol=1e-6)
+    for no_decay in (updates["bias"], updates["norm"]["weight"], updates["v_head"]["bias"]):
+        np.testing.assert_allclose(no_decay, 0.0)
+
+
+def test_value_head_dropout_zeroes_and_rescales_its_input():
+    head = ValueHead(1000, nnx.Rngs(0))
+    head.weight[...], head.bias[...] = jnp.ones(1000), jnp.zeros(())
+    hidden = jnp.ones((4, 1000))
+    np.testing.assert_allclose(head(hidden), 1000.0, rtol=1e-6)
+    key = jax.random.key(3)
+    dropped = np.asarray(head(hidden, (0.1, key)))  # sums of the kept inputs, each scaled by 1 / 0.9
+    kept = dropped * 0.9
+    np.testing.assert_allclose(kept, np.round(kept), atol=1e-2)
+    assert np.all((850 < kept) & (kept < 950)) and len(set(kept.round().tolist())) > 1  # ~10% dropped per row
+    np.testing.assert_array_equal(dropped, head(hidden, (0.1, key)))  # a function of the key

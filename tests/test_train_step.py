@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rstar_jax.models import positions_from_mask
-from tests.train_fixtures import CharTokenizer, make_trainer, sft_records
+from tests.train_fixtures import CharTokenizer, make_trainer, pair_records, sft_records
 
 
 def _params(state):
@@ -73,6 +73,22 @@ def test_gradient_accumulation_and_remat_are_exact():
 def test_bf16_compute_keeps_fp32_master_params():
     trainer, m, p = _one_step(compute_dtype="bfloat16")
     assert np.isfinite(m["loss"]) and all(v.dtype == np.float32 for v in p.values())
+
+
+def test_value_head_dropout_is_a_function_of_seed_and_step():
+    # The step's dropout key is fold_in(seed, step): two runs (or a resumed one) repeat it exactly.
+    def params_after_two_steps(rate, seed=0, microbatches=1):
+        trainer, it = make_trainer("ppm", records=pair_records(), steps=2, seed=seed, microbatches=microbatches,
+                                   task_kw={"head_dropout": rate})
+        state = trainer.init_state()
+        for _ in range(2):
+            state, _ = trainer.train_step(state, trainer.place_batch(next(it)[0]))
+        return _params(state)["['v_head']['weight'].value"]
+
+    with_dropout = params_after_two_steps(0.5)
+    np.testing.assert_array_equal(params_after_two_steps(0.5), with_dropout)
+    assert not np.allclose(params_after_two_steps(0.0), with_dropout, atol=1e-6)
+    assert not np.allclose(params_after_two_steps(0.5, microbatches=2), with_dropout, atol=1e-6)
 
 
 def _greedy(model, prompt, n):

@@ -30,6 +30,11 @@ def sft_records(n: int = 8) -> list[Record]:
             for i in range(n)]
 
 
+def pair_records(n: int = 8) -> list[Record]:
+    return [Record({"id": f"p{i}", "prompt": f"q{i}=", "pos": f"{i * 37 % 100}!", "neg": f"{i * 41 % 100}?",
+                    "pos_count": 1 + i % 2, "neg_count": 2}, f"mem.jsonl:{i + 1}") for i in range(n)]
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w") as f:
         for r in rows:
@@ -38,10 +43,10 @@ def write_jsonl(path, rows) -> str:
 
 
 def make_trainer(task_name="sft", *, mesh_shape=(1, 1, 1), devices=None, records=None, batch_size=8,
-                 microbatches=1, steps=10, lr=3e-3, seed=0, max_len=32, buckets=(16, 32), **train_kw):
+                 microbatches=1, steps=10, lr=3e-3, seed=0, max_len=32, buckets=(16, 32), task_kw=None, **train_kw):
     """(trainer, iterator) on the tiny model over `records` (default: 8 SFT records)."""
     import jax
-    task = TASKS[task_name](CharTokenizer(), max_len)
+    task = TASKS[task_name](CharTokenizer(), max_len, **(task_kw or {}))
     examples, _ = task.tokenize(records if records is not None else sft_records())
     data_cfg = BatchConfig(batch_size=batch_size, microbatches=microbatches, seed=seed, length_buckets=buckets)
     iterator = BatchIterator(examples, task, data_cfg)
@@ -49,5 +54,5 @@ def make_trainer(task_name="sft", *, mesh_shape=(1, 1, 1), devices=None, records
     mesh = parallel.make_mesh(parallel.MeshConfig(*mesh_shape), devices=devices or jax.devices()[:n])
     model = (PPM if task.is_reward_model else Qwen2)(CFG, rngs=nnx.Rngs(seed))
     trainer = Trainer(task, model, OptimConfig(learning_rate=lr, warmup_steps=2),
-                      TrainConfig(max_steps=steps, **train_kw), mesh, steps)
+                      TrainConfig(max_steps=steps, seed=seed, **train_kw), mesh, steps)
     return trainer, iterator

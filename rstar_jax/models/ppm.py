@@ -21,9 +21,14 @@ class ValueHead(nnx.Module):
         self.weight = nnx.Param(w, logical_axes=("norm",))
         self.bias = nnx.Param(jnp.full((), 1e-6, jnp.float32), logical_axes=())
 
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        """hidden: [..., D] -> [...] fp32."""
-        return hidden.astype(jnp.float32) @ self.weight[...] + self.bias[...]
+    def __call__(self, hidden: jax.Array, dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
+        """hidden: [..., D] -> [...] fp32. dropout: (rate, key) on the hidden state, in training only."""
+        hidden = hidden.astype(jnp.float32)
+        if dropout is not None and dropout[0] > 0:
+            rate, key = dropout
+            keep = jax.random.bernoulli(key, 1.0 - rate, hidden.shape)
+            hidden = jnp.where(keep, hidden / (1.0 - rate), 0.0)
+        return hidden @ self.weight[...] + self.bias[...]
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -41,12 +46,16 @@ class PPM(nnx.Module):
     def config(self) -> ModelConfig:
         return self.backbone.config
 
-    def __call__(self, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Raw score of each sequence at its last real token. tokens, attention_mask: [B, T] -> [B] fp32."""
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array,
+                 head_dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
+        """Raw score of each sequence at its last real token. tokens, attention_mask: [B, T] -> [B] fp32.
+
+        head_dropout: (rate, key) of dropout on the value head's input (training; the reference's 0.1).
+        """
         positions = positions_from_mask(attention_mask)
         hidden, _ = self.backbone(tokens, positions, attention_mask)  # [B, T, D]
         last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
-        return self.v_head(last)
+        return self.v_head(last, head_dropout)
 
 
 def search_score(raw: jax.Array, scale: float = DEFAULT_SCORE_SCALE) -> jax.Array:

@@ -116,8 +116,9 @@ class Task:
         raise NotImplementedError
 
     # ---- batch -> loss (inside jit; batch arrays have leading [B])
-    def loss_sums(self, model, batch: dict) -> tuple[jax.Array, dict]:
-        """(loss sum, {metric: (numerator, denominator)}) over one microbatch."""
+    def loss_sums(self, model, batch: dict, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """(loss sum, {metric: (numerator, denominator)}) over one microbatch. key: randomness of the
+        training step (dropout); None when evaluating."""
         raise NotImplementedError
 
     def normalizer(self, batch: dict) -> jax.Array:
@@ -155,7 +156,7 @@ class SFTTask(Task):
                 loss_mask[i, :r.prompt_len] = False
         return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}  # [B, T] each
 
-    def loss_sums(self, model, batch):
+    def loss_sums(self, model, batch, key=None):
         hidden, _ = model(batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"])  # [B, T, D]
         b, t, d = hidden.shape
         # The LM head on [B*T, D]: XLA:CPU runs a 2-D dot and its gradient ~15% faster than the 3-D one.
@@ -174,6 +175,18 @@ class _ScoreTask(Task):
     """Reward models: a PPM-shaped model scores each sequence at its last real token."""
 
     is_reward_model = True
+
+    def __init__(self, *args, head_dropout: float = 0.0, **kwargs):
+        """head_dropout: dropout rate on the value head's input in training (the reference: 0.1)."""
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"head_dropout={head_dropout} must be in [0, 1)")
+        self.head_dropout = head_dropout
+
+    def _scores(self, model, tokens, mask, key):
+        """Raw scores [B]; dropout on the head's input when training (a key is given)."""
+        dropout = (self.head_dropout, key) if key is not None and self.head_dropout > 0 else None
+        return model(tokens, mask, dropout)
 
     def flops_per_token(self, cfg, seq_len):
         return 6.0 * _matmul_params(cfg) + _attention_flops_per_token(cfg, seq_len)
@@ -199,11 +212,11 @@ class PPMTask(_ScoreTask):
                 "pos_count": count("pos_count"), "neg_count": count("neg_count"),
                 "valid": np.asarray([r is not None for r in rows])}
 
-    def loss_sums(self, model, batch):
+    def loss_sums(self, model, batch, key=None):
         b = batch["pos_tokens"].shape[0]
         # One forward over [2B, T]: positives then negatives.
-        scores = model(jnp.concatenate([batch["pos_tokens"], batch["neg_tokens"]]),
-                       jnp.concatenate([batch["pos_mask"], batch["neg_mask"]]))  # [2B]
+        scores = self._scores(model, jnp.concatenate([batch["pos_tokens"], batch["neg_tokens"]]),
+                              jnp.concatenate([batch["pos_mask"], batch["neg_mask"]]), key)  # [2B]
         r_pos, r_neg = scores[:b], scores[b:]
         total, _ = losses.pairwise_preference_sums(r_pos, r_neg, batch["pos_count"], batch["neg_count"],
                                                    batch["valid"])
@@ -236,8 +249,8 @@ class PQMTask(_SingleScoreTask):
 
     kind, target = "pqm", "q"
 
-    def loss_sums(self, model, batch):
-        pred = search_score(model(batch["tokens"], batch["mask"]))  # [B] in [-1, 1]
+    def loss_sums(self, model, batch, key=None):
+        pred = search_score(self._scores(model, batch["tokens"], batch["mask"], key))  # [B] in [-1, 1]
         total, _ = losses.squared_error_sums(pred, batch["q"], batch["valid"])
         valid = batch["valid"].astype(jnp.float32)
         same_sign = (pred > 0) == (batch["q"] > 0)
@@ -249,8 +262,8 @@ class ORMTask(_SingleScoreTask):
 
     kind, target = "orm", "correct"
 
-    def loss_sums(self, model, batch):
-        logit = model(batch["tokens"], batch["mask"])  # [B]
+    def loss_sums(self, model, batch, key=None):
+        logit = self._scores(model, batch["tokens"], batch["mask"], key)  # [B]
         total, _ = losses.binary_cross_entropy_sums(logit, batch["correct"], batch["valid"])
         valid = batch["valid"].astype(jnp.float32)
         hit = (logit > 0) == (batch["correct"] > 0.5)

@@ -36,6 +36,7 @@ class TrainConfig:
     profile_start: int = -1  # capture a jax.profiler trace of steps [start, start + profile_steps)
     profile_steps: int = 3
     profile_dir: str | None = None
+    seed: int = 0  # step randomness (dropout): a function of (seed, step), so a resumed run repeats it
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -156,23 +157,26 @@ class Trainer:
                 layers[i] = _RematLayer(layers[i])
         return model
 
-    def _micro_loss(self, params, micro, norm):
-        loss_sum, metrics = self.task.loss_sums(self._forward_model(params), micro)
+    def _micro_loss(self, params, micro, norm, key):
+        loss_sum, metrics = self.task.loss_sums(self._forward_model(params), micro, key)
         return loss_sum / norm, metrics
 
     def _train_step(self, state: TrainState, batch: dict):
         norm = jnp.maximum(self.task.normalizer(batch), 1e-6)  # a batch with no targets gives zero grads
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
         a = jax.tree.leaves(batch)[0].shape[0]
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(self.cfg.seed), state.step), a)  # [A]
         if a == 1:
-            (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), norm)
+            (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), norm, keys[0])
         else:
-            def body(carry, micro):
-                (loss, metrics), grads = grad_fn(state.params, micro, norm)
+            def body(carry, xs):
+                micro, key = xs
+                (loss, metrics), grads = grad_fn(state.params, micro, norm, key)
                 return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
-            zeros = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), norm))
+            first = jax.tree.map(lambda x: x[0], batch)
+            zeros = jax.eval_shape(lambda: grad_fn(state.params, first, norm, keys[0]))
             init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1]))
-            (loss, metrics, grads), _ = jax.lax.scan(body, init, batch)
+            (loss, metrics, grads), _ = jax.lax.scan(body, init, (batch, keys))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
