@@ -91,10 +91,12 @@ def test_record_round_trip_is_exact_and_keeps_unknown_fields():
     d["host"] = 3
     d["nodes"][4]["tokens"] = 17
     d["nodes"][4]["init_value"] = 0.25
+    d["nodes"][8]["error"] = "ValueError: x"  # optional, on exec_error nodes only
     r = TreeRecord.from_dict(d)
     assert r.to_dict() == d
     assert json.loads(r.to_json()) == d
     assert r.nodes[4].extra == {"tokens": 17} and r.extra == {"host": 3}
+    assert r.nodes[8].error == "ValueError: x" and r.nodes[8].extra == {} and r.nodes[7].error is None
     assert TreeRecord.from_dict(json.loads(r.to_json())) == r
 
 
@@ -147,6 +149,8 @@ def _set(path, value):
     (_set(["nodes", 3, "init_value"], float("inf")), 3, "init_value"),
     (_set(["nodes", 3, "terminal_reason"], "timeout"), 3, "terminal_reason"),
     (_set(["nodes", 3, "correct"], True), 3, "correct"),  # not an answer node
+    (_set(["nodes", 3, "error"], "ValueError: x"), 3, "error"),  # not an exec_error node
+    (_set(["nodes", 8, "error"], 7), 8, "error"),
     (_set(["nodes", 9, "correct"], 1), 9, "correct"),
     (_set(["nodes", 9, "final_answer"], 2), 9, "final_answer"),
     (_set(["nodes", 3, "text"], None), 3, "text"),

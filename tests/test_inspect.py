@@ -22,9 +22,12 @@ QUESTION = "What is 1 + 1? <b>not bold</b> & friends"
 SCRIPT = "<script>alert(1)</script>"
 
 
-def _node(i, parent, depth, text, visits, value_sum, reason=None, answer=None, correct=None, init=None):
+ERROR = "ValueError: <b>x</b>"
+
+
+def _node(i, parent, depth, text, visits, value_sum, reason=None, answer=None, correct=None, init=None, **extra):
     return {"id": i, "parent": parent, "depth": depth, "text": text, "visits": visits, "value_sum": value_sum,
-            "init_value": init, "terminal_reason": reason, "final_answer": answer, "correct": correct}
+            "init_value": init, "terminal_reason": reason, "final_answer": answer, "correct": correct, **extra}
 
 
 def tree_dict(mode="terminal", ppm=None):
@@ -35,7 +38,7 @@ def tree_dict(mode="terminal", ppm=None):
         _node(1, 0, 1, "<code>\n# Step 1: set x\nx = 2\n<end_of_step>", 2, 2.0),
         _node(2, 0, 1, "<code>\n# Step 1: guess </pre><b>bold</b>\nx = 3\n<end_of_step>", 1, -1.0),
         _node(3, 1, 2, "print(x)\n<end_of_code>\n<output>2<end_of_output>\n", 2, 2.0),
-        _node(4, 1, 2, f"# {SCRIPT}\nraise ValueError('x')\n<end_of_step>", 1, -1.0, "exec_error"),
+        _node(4, 1, 2, f"# {SCRIPT}\nraise ValueError('x')\n<end_of_step>", 1, -1.0, "exec_error", error=ERROR),
         _node(5, 3, 3, "<answer>So \\boxed{2}<end_of_answer>", 1, 1.0, "answer", "2", True),
         _node(6, 3, 3, "<answer>Also \\boxed{2.0}<end_of_answer>", 1, 1.0, "answer", "2.0", True),
         _node(7, 2, 2, "print(x)\n<end_of_code>\n<output>3 \x01& <img src=x onerror=alert(2)><end_of_output>\n",
@@ -101,7 +104,9 @@ def test_html_page_shows_every_node_escaped_and_the_chosen_path(trees_file, tmp_
 
     assert html.escape(QUESTION) in page and ">2</span>" in page  # question and reference answer
     # Every node's step text comes back verbatim (control characters replaced), and no model markup is live.
-    assert parsed.steps == {n.id: rd.clean(n.text) for n in record.nodes[1:]}
+    # A failed step also shows what its program raised.
+    assert parsed.steps == {n.id: rd.clean(n.text) + (n.error or "") for n in record.nodes[1:]}
+    assert html.escape(ERROR) in page
     assert "\x01" in record.node(7).text and "\ufffd" in parsed.steps[7]
     assert SCRIPT not in page and html.escape(SCRIPT) in page
     assert "img" not in parsed.tags and parsed.tags.count("script") == 1  # the page's own (collapse buttons)

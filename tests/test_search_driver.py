@@ -1,4 +1,5 @@
 """The search stage end to end: a real tiny policy (and PPM), the real sampler, sandbox and grader."""
+import dataclasses
 import glob
 import json
 import os
@@ -135,6 +136,24 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(models, terminal_run,
     with open(os.path.join(killed_dir, "extracted", "sft.jsonl")) as a, \
             open(os.path.join(str(terminal_run[0]), "extracted", "sft.jsonl")) as b:
         assert sorted(a) == sorted(b)
+
+
+def test_a_failed_execution_keeps_what_it_raised_on_its_node(models, tmp_path, monkeypatch):
+    from rstar_jax.verify import sandbox as sb
+
+    class EveryProgramFails(sb.Sandbox):
+        def run(self, programs, timeout_s=None):
+            return [dataclasses.replace(r, failed=True, error_type="ZeroDivisionError", error_message="division by zero")
+                    for r in super().run(programs, timeout_s)]
+
+    monkeypatch.setattr(sb, "Sandbox", EveryProgramFails)
+    run_search(SearchConfig(mode="terminal", **{**SMALL, "rollouts": 2}), models["problems"][:1], models["policy"],
+               None, str(tmp_path), extract_config=None, progress=lambda s: None)
+    nodes = [n for r in _records(tmp_path / "trees.jsonl") for n in r.nodes]
+    failed = [n for n in nodes if n.terminal_reason == "exec_error"]
+    assert failed and all(n.error == "ZeroDivisionError: division by zero" for n in failed)
+    assert all(n.error is None for n in nodes if n.terminal_reason != "exec_error")
+    assert all("<output>" not in n.text for n in failed)
 
 
 def test_read_finished_cuts_a_torn_line_and_refuses_other_settings(tmp_path):

@@ -55,6 +55,7 @@ class _Slot:
     texts: list[str]  # [text_index] step texts, appended in node order ("" for the root)
     parents: list[int]  # [node] a host copy of the tree's parents, for building prompts without a device read
     answers: dict[int, tuple[str | None, bool]] = dataclasses.field(default_factory=dict)  # node -> (answer, ok)
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)  # node -> what its failed program raised
     generated_tokens: int = 0  # every sampled token of this search, kept or not (the compute it cost)
 
     @property
@@ -292,6 +293,8 @@ class SearchDriver:
                 if c.kind == steps.ANSWER_STEP:
                     v = graded[id(c)]
                     slot.answers[int(new_ids[i, j])] = (v.extracted, bool(v.equal))
+                elif c.kind == steps.CODE and executed[id(c)].failed:
+                    slot.errors[int(new_ids[i, j])] = executed[id(c)].observation
         return tree
 
     def _insert(self, tree, leaf, cands, slots, graded, executed, scored):
@@ -334,6 +337,8 @@ class SearchDriver:
                           "init_value": None if math.isnan(init) else init,
                           "terminal_reason": tr.TERMINAL_REASONS[int(row.terminal_reason[k])],
                           "final_answer": answer, "correct": correct})
+            if k in slot.errors:
+                nodes[-1]["error"] = slot.errors[k]
         answers = [ok for _, ok in slot.answers.values()]
         record = {"problem_id": slot.problem["id"], "prompt": slot.prompt, "answer": slot.problem["answer"],
                   "mode": self.config.mode, "config_digest": self.config.digest(), "seed": slot.seed,

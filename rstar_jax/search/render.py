@@ -203,7 +203,8 @@ def render_html(record: TreeRecord, sort: str = "q") -> str:
         out = [f"<details {attrs}{' open' if node.id in on_path else ''}>",
                f"<summary>{_summary_html(record, node, len(kids), node.id in on_path)}</summary>"]
         if node.id != ROOT:
-            out.append(f'<pre class="step" data-node="{node.id}">{_step_html(node.text)}</pre>')
+            error = f'<span class="out">{_text(node.error)}</span>' if node.error else ""  # what the program raised
+            out.append(f'<pre class="step" data-node="{node.id}">{_step_html(node.text)}{error}</pre>')
         if kids:
             out.append('<div class="kids">')
             for kid in kids:

@@ -6,14 +6,16 @@ One JSON object per problem (JSONL, one per line)::
      "config_digest": str, "seed": int,
      "nodes": [{"id": int, "parent": int, "depth": int, "text": str, "visits": int, "value_sum": float,
                 "init_value": float | null, "terminal_reason": null | "answer" | "exec_error" | "max_depth"
-                | "no_stop" | "dead_end", "final_answer": str | null, "correct": bool | null}, ...],
+                | "no_stop" | "dead_end", "final_answer": str | null, "correct": bool | null,
+                "error"?: str}, ...],
      "stats": {...}}
 
 ``prompt`` is the policy prompt (the root's context); a node's ``text`` is its step text including the stop tag
 (``""`` for the root; a code-closing step already carries ``"\\n<output>...<end_of_output>\\n"``), so the
 context of a node is ``prompt`` + the texts of its path. Node ``id`` equals its index in ``nodes``, the root is
 node 0 (parent -1, depth 0) and every other node's parent has a smaller id. ``Q(node) = value_sum / visits``
-(0.0 for an unvisited node).
+(0.0 for an unvisited node). ``error``, only on ``exec_error`` nodes, is what the failed program raised
+(``"Type: message"``, the reference's observation); the step's ``text`` does not show it.
 
 Unknown fields (top level or per node) are kept in ``extra`` so that ``to_dict(from_dict(d)) == d``. Every
 validation error names the problem id, the node id and the field; ``read_tree_records`` adds file and line.
@@ -36,6 +38,7 @@ ROOT = 0
 RECORD_FIELDS = ("problem_id", "prompt", "answer", "mode", "config_digest", "seed", "nodes", "stats")
 NODE_FIELDS = ("id", "parent", "depth", "text", "visits", "value_sum", "init_value", "terminal_reason",
                "final_answer", "correct")
+OPTIONAL_NODE_FIELDS = ("error",)  # written only when set
 
 
 class TreeRecordError(ValueError):
@@ -84,6 +87,7 @@ class Node:
     terminal_reason: str | None = None
     final_answer: str | None = None
     correct: bool | None = None
+    error: str | None = None
     extra: dict = dataclasses.field(default_factory=dict)  # unknown fields, kept for the round trip
 
     @property
@@ -107,11 +111,13 @@ class Node:
         for name in ("value_sum", "init_value"):  # JSON writes 0.0 as 0 sometimes; keep floats floats
             if _is_real(values[name]):
                 values[name] = float(values[name])
-        extra = {k: v for k, v in d.items() if k not in NODE_FIELDS}
+        values.update({name: d[name] for name in OPTIONAL_NODE_FIELDS if name in d})
+        extra = {k: v for k, v in d.items() if k not in NODE_FIELDS + OPTIONAL_NODE_FIELDS}
         return cls(**values, extra=extra)
 
     def to_dict(self) -> dict:
         d = {name: getattr(self, name) for name in NODE_FIELDS}
+        d.update({name: getattr(self, name) for name in OPTIONAL_NODE_FIELDS if getattr(self, name) is not None})
         d.update(self.extra)
         return d
 
@@ -273,6 +279,9 @@ class TreeRecord:
                 if node.final_answer is not None:
                     bad(f"only answer nodes have a final answer (terminal_reason is {node.terminal_reason!r})",
                         "final_answer")
+            if node.error is not None and (not isinstance(node.error, str) or node.terminal_reason != "exec_error"):
+                bad(f"expected a string on an exec_error node, got {node.error!r} (terminal_reason "
+                    f"{node.terminal_reason!r})", "error")
             if not isinstance(node.extra, dict):
                 bad(f"expected a dict, got {type(node.extra).__name__}", "extra")
         return children
