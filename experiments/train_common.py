@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from absl import flags
 
@@ -17,10 +17,11 @@ from experiments import multihost
 from rstar_jax.models.config import ATTENTION_IMPLS
 
 def _field(default, help_text: str, kind: str | None = None, choices: Sequence[str] | None = None,
-           reward_only: bool = False):
+           reward_only: bool = False, check: tuple[Callable, str] | None = None):
+    """check: (predicate, what a value must be), validated when the flags are parsed."""
     kind = kind or {bool: "bool", int: "integer", float: "float", str: "string", tuple: "list"}[type(default)]
     return dataclasses.field(default=default, metadata={"help": help_text, "kind": kind, "choices": choices,
-                                                        "reward_only": reward_only})
+                                                        "reward_only": reward_only, "check": check})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class TrainStageConfig:
                                  "cudnn (its fused cuDNN kernel: NVIDIA GPUs with --compute_dtype=bfloat16)", "enum",
                                  ATTENTION_IMPLS)
     head_dropout: float = _field(0.1, "dropout on the value head's input in training (the reference's 0.1)",
-                                 reward_only=True)
+                                 reward_only=True, check=(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
     remat: bool = _field(False, "recompute each decoder layer in the backward pass (saves memory)")
     mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)")
     seed: int = _field(0, "data order and fresh-init seed")
@@ -85,6 +86,9 @@ def define_flags(prefix: str = "", reward: bool = True) -> None:
         else:
             default = list(field.default) if isinstance(field.default, tuple) else field.default
             getattr(flags, f"DEFINE_{meta['kind']}")(name, default, meta["help"])
+        if meta["check"]:
+            predicate, what = meta["check"]
+            flags.register_validator(name, predicate, message=f"--{name} must be {what}")
 
 
 def config_from_flags(prefix: str = "", **overrides) -> TrainStageConfig:

@@ -73,3 +73,12 @@ def test_fit_writes_tensorboard_and_a_profile_window(tmp_path):
     assert 0 < result.last_metrics["mfu"] and result.last_metrics["lr"] > 0
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+
+
+def test_head_dropout_out_of_range_is_refused_naming_the_flag():
+    proc = subprocess.run([sys.executable, "-m", "experiments.train_rm", "--task=ppm", "--head_dropout=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--head_dropout must be in [0, 1)" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "experiments.sft", "--head_dropout=0.1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Unknown command line flag 'head_dropout'" in proc.stderr  # SFT has no value head
