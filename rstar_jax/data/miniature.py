@@ -75,16 +75,13 @@ _SENTENCES = {
     "give_each": ("{name} gives {k} {item} to each of {m} friends.",
                   "Each of {m} friends gets {k} {item} from {name}."),
 }
-# A step's comment restates the number word it reads ("doubles ...: multiply by 2"): a tiny model copies
-# a question's words into the comment well, but carried their meaning there badly ("multiply by 3"), so
-# reading, not the teacher's traps, had made most of its base model's errors.
 _COMMENTS = {
     "gain": "add the {k} new {item}",
     "lose": "take away the {k} {item}",
     "buy": "add {k} packs of {m} {item}",
-    "mult": "{mult_verb} the number of {item}: multiply by {f}",
+    "mult": "multiply the {item} by {f}",
     "pile": "keep one of {m} equal piles",
-    "fraction": "{frac} of the {item}: give away 1/{q}",
+    "fraction": "give away 1/{q} of the {item}",
     "share_with": "{name} and {m} friends make {m} + 1 equal shares, keep one",
     "give_each": "{m} friends get {k} {item} each",
 }
