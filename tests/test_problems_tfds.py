@@ -7,6 +7,7 @@ the source mapped directly. Builds are shared per module: a build is the slow pa
 import json
 import pathlib
 import shutil
+import tempfile
 
 import pytest
 import tensorflow_datasets as tfds
@@ -91,6 +92,14 @@ def test_flat_local_copy_and_rebuild(tmp_path, no_download):
     assert len(load_benchmark("amc23", data_dir=data, manual_dir=manual)) == 3  # built data reused
     rebuilt = load_benchmark("amc23", data_dir=data, manual_dir=manual, rebuild=True)
     assert [p["answer"] for p in rebuilt] == ["27", "0.75", "8", "9.5"]
+
+
+def test_building_leaves_no_temporary_folders(tmp_path, monkeypatch, no_download):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert len(load_benchmark("aime24", data_dir=tmp_path / "data", manual_dir=FIXTURES)) == 2
+    assert list(scratch.iterdir()) == []
 
 
 def test_manual_dir_without_the_file_is_an_error_not_a_download(tmp_path, no_download):

@@ -69,6 +69,15 @@ class ProblemSource(Sequence):
         return example_to_problem(self._source[index % size])
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """TFDS's DatasetInfo for builders whose metadata lives only on local disk."""
+
+    def initialize_from_bucket(self) -> None:
+        # TFDS makes a temporary directory before it finds GCS disabled and never removes it: one
+        # empty /tmp/tmp*tfds folder leaked per builder made before its data exists.
+        pass
+
+
 class ProblemSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the problem-set builders: array_record by default, records kept in source order."""
 
@@ -78,7 +87,7 @@ class ProblemSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _problem_info(self, *, description: str, homepage: str, citation: str,
                       metadata: tfds.core.Metadata | None = None) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=description,
             features=problem_features(),
