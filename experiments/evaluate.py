@@ -143,9 +143,13 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     scorer = load_scorer(reward_dir, cfg.max_context_tokens, mesh) if reward_dir else None
     rows = []
 
-    def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float) -> None:
+    def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float,
+            scored_pools: Sequence[Sequence[dict]] | None = None) -> None:
+        """scored_pools: the reward-model-scored answers the method chose among (its `reward_auc`)."""
         rows.append(report.make_row(set_name, method, n, [selection.is_correct(t) for t in chosen], difficulties,
                                     tokens, wall_s, bootstrap=spec.bootstrap, seed=cfg.seed))
+        if scored_pools is not None:
+            rows[-1]["reward_auc"] = report.ranking_auc(scored_pools)
         progress(f"evaluate: {set_name} {method} N={n}: {100 * rows[-1]['accuracy']:.1f}%")
 
     def digest(method: str, **extra) -> str:
@@ -176,7 +180,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
                     add("majority", n, baselines.majority_vote(pools, grader=grader), tokens,
                         raw["wall_s"] * tokens / total)
                 if "best_of_n" in wants:
-                    add("best_of_n", n, baselines.best_of_n(pools), tokens, raw["wall_s"] * tokens / total)
+                    add("best_of_n", n, baselines.best_of_n(pools), tokens, raw["wall_s"] * tokens / total, pools)
 
         if "beam" in spec.methods:
             raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), lambda: {
@@ -205,7 +209,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
                 for rule in spec.selections:
                     params = {"k": spec.vote_top_k} if rule == "majority_of_top_k" else {}
                     add(f"mcts/{rule}", n, selection.select(pools, rule, grader=grader, **params), tokens,
-                        wall * tokens / total)
+                        wall * tokens / total, pools)
 
     summary = {"schema": report.SCHEMA, "set": set_name, "policy": policy_dir, "reward_model": reward_dir,
                "search_config": dataclasses.asdict(cfg), "spec": dataclasses.asdict(spec), "problem_ids": ids,

@@ -38,6 +38,24 @@ def test_row_accuracy_by_difficulty_and_table():
     assert list(omni["by_difficulty"]) == ["2.5", "10.0", "x"]
 
 
+def test_ranking_auc_is_the_chance_a_correct_answer_outscores_a_wrong_one():
+    t = lambda score, ok, answer="1": {"final_answer": answer, "score": score, "correct": ok}
+    pools = [[t(0.9, True), t(0.1, False), t(0.5, False)],  # both wrong ones below: 1.0
+             [t(0.2, True), t(0.2, False), t(0.6, False)],  # a tie and a loss: 0.25
+             [t(0.3, True), t(0.1, True)],  # no wrong answer: not counted
+             [t(0.9, False, None), t(0.1, True)],  # the wrong one has no answer: not counted
+             [t(None, False), t(0.5, True)]]  # unscored: not counted
+    assert report.ranking_auc(pools) == {"auc": pytest.approx(0.625), "problems": 2}
+    assert report.ranking_auc(pools[2:]) is None
+    flipped = [[{**x, "score": -x["score"]} for x in pool] for pool in pools[:2]]
+    assert report.ranking_auc(flipped)["auc"] == pytest.approx(1 - 0.625)
+    row = {**report.make_row("s", "best_of_n", 2, [True, False], [1, 1], 4, 1.0), "reward_auc": report.ranking_auc(pools)}
+    plain = report.make_row("s", "majority", 2, [True, False], [1, 1], 4, 1.0)
+    table = report.markdown_table([plain, row])
+    assert "RM AUC (problems)" in table and "| 0.62 (2) |" in table
+    assert "RM AUC" not in report.markdown_table([plain])
+
+
 def _record(pid, seed, answers, tokens=7):
     """A minimal inference tree: root plus one answer node per (answer, ppm score, correct)."""
     nodes = [{"id": 0, "parent": -1, "depth": 0, "text": "", "visits": 1, "value_sum": 0.0, "init_value": None,
@@ -112,6 +130,9 @@ def test_results_agree_with_the_raw_samples_and_searches(evaluated):
     # One sample: majority and best-of-N both answer with it.
     first = [pool[0]["correct"] is True for pool in samples]
     assert rows["majority", 1]["correct"] == first == rows["best_of_n", 1]["correct"]
+    # The reward model's ranking of the answers best-of-N chose among; majority vote never reads scores.
+    assert rows["best_of_n", 2]["reward_auc"] == report.ranking_auc(samples)
+    assert "reward_auc" not in rows["majority", 2] and "reward_auc" not in rows["greedy", 1]
     tokens = lambda n: sum(t["num_tokens"] for pool in samples for t in pool[:n]) / 3
     assert rows["majority", 2]["tokens_per_problem"] == pytest.approx(tokens(2))
     # One search: all three selections pick its answer; two searches cost the tokens of both.
@@ -119,6 +140,7 @@ def test_results_agree_with_the_raw_samples_and_searches(evaluated):
     one = [runs[p["id"]][0]["correct"] is True for p in problems]
     for rule in ("top_score", "majority_of_top_k", "weighted_vote"):
         assert rows[f"mcts/{rule}", 1]["correct"] == one
+        assert rows[f"mcts/{rule}", 2]["reward_auc"] == report.ranking_auc([runs[p["id"]] for p in problems])
     assert sorted(t["seed"] for p in problems for t in runs[p["id"]]) == [0, 0, 0, 1, 1, 1]
     assert rows["mcts/top_score", 2]["tokens_per_problem"] == pytest.approx(
         sum(t["num_tokens"] for p in problems for t in runs[p["id"]]) / 3)

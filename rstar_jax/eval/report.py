@@ -4,11 +4,12 @@ A row (the machine-readable summary's unit; README "Evaluation" documents the sc
 
     {"set": str, "method": str, "n": int, "num_problems": int, "accuracy": float,
      "ci95": [lo, hi], "by_difficulty": {str: float}, "tokens_per_problem": float, "wall_s": float,
-     "correct": [bool, ...]}
+     "correct": [bool, ...], "reward_auc": {"auc": float, "problems": int} | None}
 
 `method` is "greedy", "majority", "best_of_n", "beam" or "mcts/<selection>"; `n` the samples, trajectories
 or beam width behind one answer; `correct` the per-problem outcome in problem order, so that runs and seeds
-can be compared problem by problem. Pure Python + numpy.
+can be compared problem by problem; `reward_auc` (rows that choose by reward-model score only: best_of_n
+and mcts) says how well the scores rank a problem's answers (`ranking_auc`). Pure Python + numpy.
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def make_row(set_name: str, method: str, n: int, correct: Sequence[bool], diffic
             "tokens_per_problem": tokens / len(correct), "wall_s": round(wall_s, 3), "correct": correct}
 
 
+def ranking_auc(pools: Sequence[Sequence[Mapping]]) -> dict | None:
+    """How well reward-model scores separate a problem's correct answers from its wrong ones.
+
+    pools: per problem, trajectories with "final_answer", "score" and "correct". Per problem with at least
+    one correct and one wrong answered, scored trajectory: the probability that a correct one outscores a
+    wrong one (ties count half; 0.5 is chance); the mean over those problems. Returns {"auc", "problems"},
+    or None when no problem has both.
+    """
+    aucs = []
+    for pool in pools:
+        scored = [t for t in pool if t.get("score") is not None and answer_key(t.get("final_answer")) is not None]
+        right = np.asarray([t["score"] for t in scored if t.get("correct") is True], np.float64)  # [C]
+        wrong = np.asarray([t["score"] for t in scored if t.get("correct") is False], np.float64)  # [W]
+        if right.size and wrong.size:
+            diff = right[:, None] - wrong[None, :]  # [C, W]
+            aucs.append(float(np.mean((diff > 0) + 0.5 * (diff == 0))))
+    return {"auc": float(np.mean(aucs)), "problems": len(aucs)} if aucs else None
+
+
 def _order(key: str):
     """Numeric difficulties in numeric order (Omni-MATH's are floats), then the others by name."""
     try:
@@ -86,12 +106,17 @@ def run_answers(records: Iterable[TreeRecord | Mapping]) -> dict[str, list[dict]
 def markdown_table(rows: Sequence[Mapping]) -> str:
     """The rows as a markdown table, accuracy per difficulty as extra columns."""
     columns = sorted({d for r in rows for d in r["by_difficulty"]}, key=_order)
-    head = ["set", "method", "N", "accuracy", "95% CI", "tokens/problem", "wall s"] + [f"d={d}" for d in columns]
+    with_auc = any("reward_auc" in r for r in rows)
+    head = (["set", "method", "N", "accuracy", "95% CI", "tokens/problem", "wall s"] + [f"d={d}" for d in columns]
+            + ["RM AUC (problems)"] * with_auc)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lo, hi = r["ci95"]
         cells = [r["set"], r["method"], str(r["n"]), f"{100 * r['accuracy']:.1f}%",
                  f"{100 * lo:.1f}-{100 * hi:.1f}", f"{r['tokens_per_problem']:.0f}", f"{r['wall_s']:.1f}"]
         cells += [f"{100 * r['by_difficulty'][d]:.0f}%" if d in r["by_difficulty"] else "" for d in columns]
+        if with_auc:
+            auc = r.get("reward_auc")
+            cells.append(f"{auc['auc']:.2f} ({auc['problems']})" if auc else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
