@@ -143,13 +143,10 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     scorer = load_scorer(reward_dir, cfg.max_context_tokens, mesh) if reward_dir else None
     rows = []
 
-    def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float,
-            scored_pools: Sequence[Sequence[dict]] | None = None) -> None:
-        """scored_pools: the reward-model-scored answers the method chose among (its `reward_auc`)."""
+    def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float, **extra) -> None:
+        """extra: fields only some methods have (`reward_auc` where the reward model chooses)."""
         rows.append(report.make_row(set_name, method, n, [selection.is_correct(t) for t in chosen], difficulties,
-                                    tokens, wall_s, bootstrap=spec.bootstrap, seed=cfg.seed))
-        if scored_pools is not None:
-            rows[-1]["reward_auc"] = report.ranking_auc(scored_pools)
+                                    tokens, wall_s, bootstrap=spec.bootstrap, seed=cfg.seed) | extra)
         progress(f"evaluate: {set_name} {method} N={n}: {100 * rows[-1]['accuracy']:.1f}%")
 
     def digest(method: str, **extra) -> str:
@@ -180,7 +177,8 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
                     add("majority", n, baselines.majority_vote(pools, grader=grader), tokens,
                         raw["wall_s"] * tokens / total)
                 if "best_of_n" in wants:
-                    add("best_of_n", n, baselines.best_of_n(pools), tokens, raw["wall_s"] * tokens / total, pools)
+                    add("best_of_n", n, baselines.best_of_n(pools), tokens, raw["wall_s"] * tokens / total,
+                        reward_auc=report.ranking_auc(pools))
 
         if "beam" in spec.methods:
             raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), lambda: {
@@ -206,10 +204,11 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
             for n in spec.ns:
                 pools = [pool[:n] for pool in pools_all]
                 tokens = sum(t["num_tokens"] for pool in pools for t in pool)
+                auc = report.ranking_auc(pools)  # the same answers for every selection rule
                 for rule in spec.selections:
                     params = {"k": spec.vote_top_k} if rule == "majority_of_top_k" else {}
                     add(f"mcts/{rule}", n, selection.select(pools, rule, grader=grader, **params), tokens,
-                        wall * tokens / total, pools)
+                        wall * tokens / total, reward_auc=auc)
 
     summary = {"schema": report.SCHEMA, "set": set_name, "policy": policy_dir, "reward_model": reward_dir,
                "search_config": dataclasses.asdict(cfg), "spec": dataclasses.asdict(spec), "problem_ids": ids,
