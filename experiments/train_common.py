@@ -201,7 +201,8 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     run_config = {"task": task_name, "model": dataclasses.asdict(trainer.model_config),
                   "optim": dataclasses.asdict(optim), "data": dataclasses.asdict(batch_cfg), "total_steps": total,
                   "max_len": cfg.max_len, "overlength": cfg.overlength, "examples": len(examples),
-                  "compute_dtype": cfg.compute_dtype, "init": cfg.init_hf_dir or f"preset:{cfg.preset}"}
+                  "compute_dtype": cfg.compute_dtype, "init": cfg.init_hf_dir or f"preset:{cfg.preset}",
+                  **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else {})}
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), run_config, every=cfg.checkpoint_every,
                                 keep=cfg.keep_checkpoints)
     checkpointer.check_compatible()  # before anything is written: a mismatched rerun must not touch the run dir

@@ -1,9 +1,8 @@
-"""experiments.round: inputs checked before any stage runs, and flags pinned per run directory."""
+"""experiments.round: flags and inputs checked before anything is written, and flags pinned per run directory."""
+import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,35 +13,75 @@ def _round(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_missing_inputs_are_refused_before_any_stage_runs(tmp_path):
-    problems = tmp_path / "p.jsonl"
-    problems.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
-    common = [f"--run_dir={tmp_path / 'run'}", f"--problems={problems}", f"--eval_problems={problems}"]
+def _fake_model(path):
+    """A directory that passes the up-front check (it has a config.json) and fails when a stage loads it."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _problems(tmp_path, name="p.jsonl"):
+    path = tmp_path / name
+    path.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    return path
+
+
+def test_bad_flags_and_missing_inputs_are_refused_before_anything_is_written(tmp_path):
+    problems, base, run = _problems(tmp_path), _fake_model(tmp_path / "base"), tmp_path / "run"
+    common = [f"--run_dir={run}", f"--problems={problems}", f"--eval_problems={problems}"]
     out = _round(*common, f"--base_model={tmp_path / 'no_such_model'}")
-    assert out.returncode != 0 and "base model" in out.stderr and "does not exist" in out.stderr, out.stderr
-    out = _round(*common, f"--base_model={tmp_path}", "--round=2")
+    assert out.returncode != 0 and "base model" in out.stderr and "does not exist (pass" in out.stderr, out.stderr
+    out = _round(*common, f"--base_model={tmp_path}")
+    assert out.returncode != 0 and "is not a Hugging Face model directory (it has no config.json)" in out.stderr
+    out = _round(*common, f"--base_model={base}", "--round=2")
     assert out.returncode != 0 and "round_1/policy/hf does not exist (run round 1 first" in out.stderr, out.stderr
-    out = _round(*common, f"--base_model={tmp_path}", "--round=3", "--mode=ppm", f"--policy={tmp_path}")
+    out = _round(*common, f"--base_model={base}", "--round=3", "--mode=ppm", f"--policy={base}")
     assert out.returncode != 0 and "round_2/ppm/hf does not exist" in out.stderr, out.stderr
-    assert not os.path.exists(tmp_path / "run" / "miniature"), "a stage ran before the inputs were checked"
+    out = _round(*common, f"--base_model={base}", "--rollouts=0")
+    assert out.returncode != 0 and "bad flag value: rollouts must be >= 1, got 0" in out.stderr, out.stderr
+    out = _round(f"--run_dir={run}", f"--problems={tmp_path / 'nope.jsonl'}", f"--eval_problems={problems}",
+                 f"--base_model={base}")
+    assert out.returncode != 0 and f"--problems={tmp_path / 'nope.jsonl'}" in out.stderr, out.stderr
+    out = _round(*common[:2], f"--eval_problems={tmp_path / 'nope.jsonl'}", f"--base_model={base}")
+    assert out.returncode != 0 and "--eval_problems=" in out.stderr, out.stderr
+    out = _round(*common, f"--base_model={base}", "--eval_methods=greedy,vibes")
+    assert out.returncode != 0 and "--eval_methods" in out.stderr and "vibes" in out.stderr, out.stderr
+    out = _round(*common, f"--base_model={base}", "--reward_models=pqm")
+    assert out.returncode != 0 and "--reward_models=pqm: must include ppm" in out.stderr, out.stderr
+    out = _round(*common, f"--base_model={base}", "--run_dir=gs://bucket/run")
+    assert out.returncode != 0 and "--run_dir=gs://bucket/run" in out.stderr and "gcsfuse" in out.stderr
+    assert not run.exists(), "a failed start wrote to the run directory"
+    # The corrected command starts: it pins its flags and fails only where a stage loads the fake model.
+    out = _round(*common, f"--base_model={base}")
+    assert out.returncode != 0 and "[search]" in out.stdout + out.stderr and "saved" not in out.stderr
+    assert json.loads((run / "round_1" / "flags.json").read_text())["rollouts"] == 8
 
 
 def test_conflicting_flags_on_a_run_directory_are_refused(tmp_path):
-    problems = tmp_path / "p.jsonl"
-    problems.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
-    common = [f"--run_dir={tmp_path / 'run'}", f"--problems={problems}", f"--eval_problems={problems}",
-              f"--base_model={tmp_path / 'missing'}"]
-    _round(*common, "--rollouts=8", "--progress_every_s=5")
-    out = _round(*common, "--rollouts=16", "--progress_every_s=99")  # progress_every_s may change freely
+    problems, base = _problems(tmp_path), _fake_model(tmp_path / "base")
+    common = [f"--run_dir={tmp_path / 'run'}", f"--problems={problems}"]
+    out = _round(*common, f"--eval_problems={problems}", f"--base_model={base}", "--rollouts=8",
+                 "--progress_every_s=5")
+    assert out.returncode != 0 and "[search]" in out.stdout + out.stderr, out.stderr  # pinned, then a stage failed
+    out = _round(*common, f"--eval_problems={problems}", f"--base_model={base}", "--rollouts=16",
+                 "--progress_every_s=99")  # progress_every_s may change freely
     assert out.returncode != 0, out.stderr
     assert "--rollouts: saved 8, now 16" in out.stderr and "progress_every_s" not in out.stderr, out.stderr
+    # Rounds share the base model and the evaluation set: round 2 may not change them.
+    _fake_model(tmp_path / "run" / "round_1" / "policy" / "hf")
+    other_base, other_eval = _fake_model(tmp_path / "base2"), _problems(tmp_path, "q.jsonl")
+    out = _round(*common, "--round=2", f"--eval_problems={other_eval}", f"--base_model={other_base}")
+    assert out.returncode != 0 and f"{tmp_path / 'run' / 'flags.json'}" in out.stderr, out.stderr
+    assert f"--base_model: saved '{base}', now '{other_base}'" in out.stderr, out.stderr
+    assert f"--eval_problems: saved '{problems}', now '{other_eval}'" in out.stderr, out.stderr
 
 
 def test_the_miniature_flags_are_pinned_for_every_round(tmp_path):
     """Rounds share the miniature's data and base model, so a later round may not change their flags."""
-    common = [f"--run_dir={tmp_path / 'run'}", "--problems=miniature", "--base_model=miniature"]
-    out = _round(*common, "--round=2", "--miniature_pool=8")  # pins, then stops: round 1 is missing
-    assert out.returncode != 0 and "round_1/policy/hf does not exist" in out.stderr, out.stderr
-    out = _round(*common, "--round=3", "--miniature_pool=16")
+    base = _fake_model(tmp_path / "base")
+    _fake_model(tmp_path / "run" / "round_1" / "policy" / "hf")
+    common = [f"--run_dir={tmp_path / 'run'}", "--problems=miniature", f"--base_model={base}"]
+    out = _round(*common, "--round=2", "--miniature_pool=8")  # pins, builds the data, fails at the fake policy
+    assert out.returncode != 0 and (tmp_path / "run" / "miniature" / "data" / "DONE.json").exists(), out.stderr
+    out = _round(*common, "--round=3", f"--policy={base}", "--miniature_pool=16")
     assert out.returncode != 0 and "--miniature_pool: saved 8, now 16" in out.stderr, out.stderr
-    assert "miniature/flags.json" in out.stderr

@@ -1,7 +1,8 @@
 """experiments.round end to end: three rounds on a tiny pool whose base model was taught that pool.
 
-Round 1 and 2 search terminal-guided, round 3 with round 2's PPM; every stage writes its outputs, a
-second invocation of a finished round skips every stage, and the report covers rounds 0-3.
+Round 1 and 2 search terminal-guided, round 3 with round 2's PPM; round 1 also trains a PQM and an ORM;
+every stage writes its outputs, a second invocation of a finished round skips every stage, and the report
+covers rounds 0-3.
 """
 import json
 import os
@@ -69,19 +70,23 @@ def _round(root, k, *extra):
 def test_three_rounds_resume_and_report(setup):
     root = setup
     run = root / "run"
-    out = _round(root, 1, "--mode=terminal")
-    for stage in ("search", "policy", "ppm", "eval"):
+    out = _round(root, 1, "--mode=terminal", "--reward_models=ppm,pqm,orm")
+    for stage in ("search", "policy", "ppm", "pqm", "orm", "eval"):
         assert (run / "round_1" / stage / "DONE.json").exists(), stage
     assert (run / "round_1" / "policy" / "hf" / "config.json").exists()
-    assert (run / "round_1" / "ppm" / "hf" / "config.json").exists()
+    for model in ("ppm", "pqm", "orm"):  # round 1's reward models start from the base model (RSTAR.md section 6)
+        assert (run / "round_1" / model / "hf" / "config.json").exists()
+        assert json.loads((run / "round_1" / model / "config.json").read_text())["init_hf_dir"] == str(root / "base" / "hf")
     search = json.loads((run / "round_1" / "search" / "DONE.json").read_text())
     assert search["extracted"]["sft"] > 0 and search["coverage_by_difficulty"]["all"] > 0
     assert "[search] running" in out and "[base model evaluation] running" in out
 
-    again = _round(root, 1, "--mode=terminal")  # everything is complete: every stage is skipped
-    assert "running" not in again and again.count("complete, skipped") == 5, again
+    again = _round(root, 1, "--mode=terminal", "--reward_models=ppm,pqm,orm")  # complete: every stage is skipped
+    assert "running" not in again and again.count("complete, skipped") == 7, again
 
     _round(root, 2, "--mode=terminal", "--max_rollouts_unsolved=4")
+    ppm_2 = json.loads((run / "round_2" / "ppm" / "config.json").read_text())
+    assert ppm_2["init_hf_dir"] == str(run / "round_2" / "policy" / "hf")  # later rounds: from the round's policy
     out = _round(root, 3, "--mode=ppm", "--max_rollouts_unsolved=4")
     trees = [json.loads(line) for line in open(run / "round_3" / "search" / "trees.jsonl")]
     assert trees and all(t["mode"] == "ppm" for t in trees)

@@ -1,5 +1,6 @@
 """`experiments.train_rm` trains a PPM end to end (held-out pairwise accuracy, HF export with the value
-head), and the loop writes TensorBoard scalars and a profiler trace of the asked-for steps."""
+head), and the PQM and ORM into scorers the search loads; the loop writes TensorBoard scalars and a profiler
+trace of the asked-for steps."""
 import glob
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.hf_fixtures import make_bpe_tokenizer
 from tests.train_fixtures import write_jsonl
@@ -56,6 +58,35 @@ def test_train_rm_ppm_end_to_end(tmp_path):
     mask = jnp.asarray([[True] * len(r) + [False] * (width - len(r)) for r in rows])
     r_pos, r_neg = np.asarray(ppm(tokens, mask))
     assert r_pos > r_neg
+
+
+@pytest.mark.parametrize("task", ["pqm", "orm"])
+def test_train_rm_pqm_and_orm_score_what_they_were_taught(task, tmp_path):
+    """A Q-value regression (PQM) and an outcome model (ORM) learn a give-away word and score with it."""
+    rng = random.Random(1)
+    records = []
+    for i in range(64):
+        a, good = rng.randint(1, 50), i % 2 == 0
+        label = {"q": 1.0 if good else -1.0} if task == "pqm" else {"correct": good}
+        records.append({"id": f"p{i}", "prompt": f"Q: {a} plus {a}?\nA:",
+                        "response": f" {2 * a} right" if good else f" {2 * a + 1} wrong", **label})
+    path = write_jsonl(tmp_path / f"{task}.jsonl", records)
+    make_bpe_tokenizer(str(tmp_path / "tok"), [r["prompt"] + r["response"] for r in records], vocab_size=300)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    command = [sys.executable, "-m", "experiments.train_rm", f"--task={task}", "--preset=tiny",
+               f"--tokenizer_dir={tmp_path / 'tok'}", f"--train_records={path}", f"--out_dir={tmp_path / task}",
+               "--max_len=32", "--batch_size=8", "--max_steps=30", "--learning_rate=2e-3", "--holdout_fraction=0",
+               "--log_every=10", "--length_buckets=32", "--attention_impl=dot_product"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    from experiments.search import load_scorer
+    scorer = load_scorer(str(tmp_path / task / "hf"), max_tokens=64)
+    good, bad = scorer.score(["Q: 7 plus 7?\nA: 14 right", "Q: 7 plus 7?\nA: 15 wrong"])
+    assert -1 <= bad < good <= 1
+    if task == "orm":  # the value head's dropout shapes the run: its checkpoints are not resumed with another
+        again = subprocess.run(command + ["--head_dropout=0.3"], capture_output=True, text=True, timeout=180, env=env)
+        assert again.returncode != 0 and "head_dropout" in again.stderr, again.stderr[-3000:]
 
 
 def test_fit_writes_tensorboard_and_a_profile_window(tmp_path):

@@ -44,6 +44,9 @@ class SearchConfig:
         if self.max_rollouts_unsolved and self.max_rollouts_unsolved < self.rollouts:
             raise ValueError(f"max_rollouts_unsolved ({self.max_rollouts_unsolved}) must be 0 or >= rollouts "
                              f"({self.rollouts})")
+        if self.runs > 1 and self.mode != "inference":
+            raise ValueError(f"runs={self.runs}: independent searches per problem are inference trajectories; data "
+                             f"generation (mode {self.mode!r}) extracts one tree per problem (use more rollouts)")
         if self.capacity and self.capacity < 1 + self.num_candidates:
             raise ValueError(f"capacity {self.capacity} cannot hold the root and one expansion")
 
