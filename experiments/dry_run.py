@@ -3,8 +3,9 @@
 `experiments.round --dry_run` builds the configs and a mesh of fake CPU devices of the target count, the
 abstract sharded model (`nnx.eval_shape`) and optimizer state (`jax.eval_shape`), and prints per device:
 
-- search: the policy's parameters in its dtype, and the KV cache of one lock-step expansion (the shared
-  prompt prefix of every tree in the batch at the context limit, plus each candidate's own step slots);
+- search: the policy's parameters in its dtype (and the PPM's when the search scores with one), the KV cache
+  of one lock-step expansion (the shared prompt prefix of every tree in the batch at the context limit, plus
+  each candidate's own step slots), and one decode step's fp32 logits;
 - training: fp32 master parameters, AdamW moments, fp32 gradients, and activations of one microbatch:
   an estimate after Korthikanti et al. 2022 (per layer and token 17 hidden-size values plus 2.5 attention
   scores per head and key, in the compute dtype; per-layer inputs only with remat), plus fp32 logits.
@@ -48,21 +49,28 @@ def _split(n: int, ways: int) -> int:
 
 
 def search_memory(model_config, mesh, *, trees: int, num_candidates: int, max_context_tokens: int,
-                  max_step_tokens: int) -> list[MemoryItem]:
-    """The policy's parameters and the KV cache of one lock-step expansion of `trees` trees."""
+                  max_step_tokens: int, with_ppm: bool = False) -> list[MemoryItem]:
+    """The policy's parameters (and the PPM's, when the search scores with one), the KV cache of one lock-step
+    expansion of `trees` trees, and the fp32 logits of one decode step."""
     import jax
 
     cfg = model_config
     with jax.set_mesh(mesh):
         policy = _sharded_bytes(_abstract_params(cfg), mesh, cfg.jnp_dtype.itemsize)
+        ppm = _sharded_bytes(_abstract_params(cfg, ppm=True), mesh, cfg.jnp_dtype.itemsize) if with_ppm else 0
     tp = mesh.shape["tensor"]
     kv_heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
     slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize  # K and V of one token
     per_device = _split(trees, mesh.shape["data"] * mesh.shape["fsdp"])
     cache = slot * per_device * (max_context_tokens + num_candidates * max_step_tokens)
-    return [MemoryItem("search", f"policy parameters ({cfg.dtype})", policy),
-            MemoryItem("search", f"KV cache: {per_device} trees x ({max_context_tokens} context + {num_candidates} x "
-                                 f"{max_step_tokens} step) slots", cache)]
+    items = [MemoryItem("search", f"policy parameters ({cfg.dtype})", policy)]
+    if with_ppm:
+        items.append(MemoryItem("search", f"PPM parameters ({cfg.dtype}; the policy's model and a value head)", ppm))
+    return items + [
+        MemoryItem("search", f"KV cache: {per_device} trees x ({max_context_tokens} context + {num_candidates} x "
+                             f"{max_step_tokens} step) slots", cache),
+        MemoryItem("search", f"logits of one decode step: {per_device * num_candidates} rows x vocab {cfg.vocab_size} "
+                             "(fp32)", per_device * num_candidates * cfg.vocab_size * 4)]
 
 
 def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: int = 1,
@@ -108,11 +116,11 @@ def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: i
     return items
 
 
-def _abstract_params(cfg):
+def _abstract_params(cfg, ppm: bool = False):
     from flax import nnx
 
-    from rstar_jax.models import Qwen2
-    return nnx.state(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    from rstar_jax.models import PPM, Qwen2
+    return nnx.state(nnx.eval_shape(lambda: (PPM if ppm else Qwen2)(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
 def format_plan(stage: str, items: list[MemoryItem], mesh, device_memory_gib: float | None = None) -> str:

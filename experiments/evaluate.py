@@ -36,6 +36,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     search_flags.define()
+    for module in (search_flags, multihost):  # absl's --help lists the main module's flags only
+        flags.adopt_module_key_flags(module)
     flags.DEFINE_string("problems", None, "problem set: JSONL/JSON file or tfds:<name>")
     flags.DEFINE_string("set_name", None, "name of the set in the report (default: from --problems)")
     flags.DEFINE_integer("limit", 0, "evaluate the first N problems (0 = all)")

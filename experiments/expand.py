@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Called by main only, so tests can import the miniature helpers next to other tools' flags."""
+    flags.adopt_module_key_flags(multihost)  # absl's --help lists the main module's flags only
     flags.DEFINE_string("hf_dir", None, "HF Qwen2 directory (weights + tokenizer); default: the miniature")
     flags.DEFINE_string("problems", None, "JSONL problems {id, question, answer}; default: 4 generated")
     flags.DEFINE_string("prefix", "", "partial solution (step texts so far) appended to every prompt")

@@ -30,6 +30,7 @@ from experiments.usage import check_usage
 
 FLAGS = flags.FLAGS
 REWARD_MODELS = ("ppm", "pqm", "orm")
+ROUNDS_SCHEMA = "rstar_jax.rounds/1"
 # Flags that do not change results: they may differ between invocations on one run directory.
 _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every", "sft_profile_start",
                "ppm_profile_start", "sft_profile_steps", "ppm_profile_steps", "search_profile_start",
@@ -41,7 +42,7 @@ def define_flags() -> None:
     search_flags.define()
     train_common.define_flags("sft_", reward=False)
     train_common.define_flags("ppm_")
-    for module in (search_flags, train_common, multihost):  # listed by --help, not only by --helpfull
+    for module in (search_flags, train_common, multihost):  # absl's --help lists the main module's flags only
         flags.adopt_module_key_flags(module)
     flags.DEFINE_string("run_dir", None, "run directory (all rounds of one run)")
     flags.DEFINE_integer("round", 1, "which round to run (1..4)")
@@ -163,7 +164,7 @@ def _best(rows: list[dict], method: str) -> float | None:
 
 
 def round_report(run_dir: str, k: int) -> str:
-    """report.md and plots of rounds 0 (the base model) .. k from the stages' summaries in the run directory."""
+    """rounds.md, rounds.json and plots of rounds 0 (the base model) .. k from the stages' summaries."""
     from rstar_jax.eval import plots
     rounds = [stages.load_done(os.path.join(run_dir, "base_eval"))] + [
         stages.load_done(os.path.join(run_dir, f"round_{j}", "eval")) for j in range(1, k + 1)]
@@ -190,6 +191,10 @@ def round_report(run_dir: str, k: int) -> str:
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "rounds.md"), "w") as f:
         f.write(text)
+    stages.write_json_atomic(os.path.join(out_dir, "rounds.json"), {
+        "schema": ROUNDS_SCHEMA, "run_dir": run_dir,
+        "rounds": [{"round": j, "accuracy": {m: series[m][j] for m in methods}, "coverage": coverage[j]}
+                   for j in range(k + 1)]})
     return text
 
 
@@ -376,11 +381,12 @@ def dry_run() -> str:
     search_mesh = dr.mesh_over(shape, count if -1 in shape else math.prod(shape))
     parts = [f"dry run of round {FLAGS.round}: {cfg.num_params() / 1e9:.2f}B parameters ({cfg.dtype}), "
              f"{count} devices"]
-    for name, n in (("search", FLAGS.num_candidates), ("evaluation search", FLAGS.eval_num_candidates or
-                                                          FLAGS.num_candidates)):
+    searches = (("search", FLAGS.num_candidates, search_flags.search_config().uses_ppm),
+                ("evaluation search", FLAGS.eval_num_candidates or FLAGS.num_candidates, True))  # PPM-guided
+    for name, n, with_ppm in searches:
         parts.append(dr.format_plan(f"{name} (each host, {FLAGS.batch_size} trees, n={n})", dr.search_memory(
             cfg, search_mesh, trees=FLAGS.batch_size, num_candidates=n, max_context_tokens=FLAGS.max_context_tokens,
-            max_step_tokens=FLAGS.max_step_tokens), search_mesh, gib))
+            max_step_tokens=FLAGS.max_step_tokens, with_ppm=with_ppm), search_mesh, gib))
     for prefix, name in (("sft_", "policy SFT"), ("ppm_", "PPM training")):
         t = train_common.config_from_flags(prefix)
         mesh = dr.mesh_over(tuple(int(v) for v in t.mesh), count)

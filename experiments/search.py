@@ -25,6 +25,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     search_flags.define()
+    for module in (search_flags, multihost):  # absl's --help lists the main module's flags only
+        flags.adopt_module_key_flags(module)
     flags.DEFINE_string("problems", None, "problems: a JSONL/JSON file, or tfds:<benchmark name>")
     flags.DEFINE_integer("limit", 0, "search only the first N problems (0 = all)")
     flags.DEFINE_string("policy", None, "policy: HF directory (safetensors + config + tokenizer)")

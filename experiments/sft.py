@@ -10,9 +10,9 @@ the same command resumes from the newest complete checkpoint. All flags: experim
 """
 from __future__ import annotations
 
-from absl import app
+from absl import app, flags
 
-from experiments import train_common
+from experiments import multihost, train_common
 from experiments.usage import check_usage
 
 
@@ -23,4 +23,6 @@ def main(argv):
 
 if __name__ == "__main__":
     train_common.define_flags(reward=False)
+    for module in (train_common, multihost):  # absl's --help lists the main module's flags only
+        flags.adopt_module_key_flags(module)
     app.run(main)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import train_common
+from experiments import multihost, train_common
 from experiments.usage import check_usage
 
 def main(argv):
@@ -24,4 +24,6 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_enum("task", "ppm", ["ppm", "pqm", "orm"], "which reward model to train")
     train_common.define_flags()
+    for module in (train_common, multihost):  # absl's --help lists the main module's flags only
+        flags.adopt_module_key_flags(module)
     app.run(main)

@@ -31,6 +31,11 @@ def test_7b_on_eight_devices_shards_weights_over_fsdp_and_tensor():
     # KV cache: 16 trees over data x fsdp = 4 per device, kv heads over tensor.
     slot = 2 * cfg.num_layers * (cfg.num_kv_heads // 2) * cfg.head_dim * 2
     assert search["KV cache"].bytes_per_device == slot * 4 * (4096 + 8 * 2048)
+    assert search["logits of one decode step"].bytes_per_device == 4 * 8 * cfg.vocab_size * 4
+    assert "PPM parameters" not in search  # terminal-guided search has no PPM
+    scored = _by_name(search_memory(cfg, mesh, **SEARCH, with_ppm=True))
+    policy, ppm = scored["policy parameters"].bytes_per_device, scored["PPM parameters"].bytes_per_device
+    assert 0 < ppm - policy <= (cfg.hidden_size + 1) * 2  # the policy's whole model (as the reference's) + a value head
     items = training_memory(cfg, mesh, **TRAIN)
     train = _by_name(items)
     assert train["gradients"].bytes_per_device == train["master parameters"].bytes_per_device

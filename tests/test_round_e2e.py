@@ -93,6 +93,13 @@ def test_three_rounds_resume_and_report(setup):
     report = (run / "round_3" / "eval" / "rounds.md").read_text()
     for k in range(4):
         assert f"\n| {k} | " in report, report
+    rounds = json.loads((run / "round_3" / "eval" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds["rounds"]] == [0, 1, 2, 3] and rounds["rounds"][0]["coverage"] is None
+    for k in (1, 2, 3):  # the same figures as the stages' summaries
+        done = json.loads((run / f"round_{k}" / "eval" / "DONE.json").read_text())
+        assert rounds["rounds"][k]["accuracy"]["greedy"] == done["rows"][0]["accuracy"]
+        search = json.loads((run / f"round_{k}" / "search" / "DONE.json").read_text())
+        assert rounds["rounds"][k]["coverage"] == search["coverage_by_difficulty"]
     assert (run / "round_3" / "eval" / "accuracy_per_round.png").stat().st_size > 1000
     assert (run / "round_3" / "eval" / "coverage_per_round.png").stat().st_size > 1000
     assert os.listdir(run / "jax_cache"), "compiled programs are cached in the run directory"
