@@ -37,6 +37,31 @@ def _records(path):
         return [TreeRecord.from_dict(json.loads(line)) for line in f]
 
 
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_extracted(out, problems, records):
+    """The training data holds only verified trajectories, and pairs whose sides are a correct and a wrong one."""
+    from rstar_jax.tokenizer import format_prompt
+    answer_of = {format_prompt(p["question"]): p["answer"] for p in problems}
+    solved = {r.prompt for r in records if any(n.correct for n in r.nodes)}
+    sft, pairs = _jsonl(out / "extracted" / "sft.jsonl"), _jsonl(out / "extracted" / "pairs.jsonl")
+    with Grader() as grader:
+        for row in sft:
+            assert grader.grade(row["response"], answer_of[row["prompt"]]).equal, row
+        for pair in pairs:
+            assert pair["prompt"] in answer_of and pair["pos"] != pair["neg"]
+            if "/final/" in pair["id"]:  # whole trajectories: the chosen one right, the rejected one wrong
+                assert grader.grade(pair["pos"], answer_of[pair["prompt"]]).equal, pair
+                assert not grader.grade(pair["neg"], answer_of[pair["prompt"]]).equal, pair
+    assert {row["prompt"] for row in sft} == solved  # every solved problem, and only those
+    assert {pair["prompt"] for pair in pairs} <= solved
+    buckets = _jsonl(out / "extracted" / "buckets.jsonl")
+    assert sorted(b["id"] for b in buckets) == sorted(r.problem_id for r in records)
+
+
 @pytest.fixture(scope="module")
 def terminal_run(models, tmp_path_factory):
     """An uninterrupted terminal-guided run of the search stage, in this process."""
@@ -73,12 +98,14 @@ def test_terminal_guided_search_and_extraction(models, terminal_run):
     assert all("<output>" in n.text and n.text.endswith("<end_of_output>\n") for n in code_closers)
     for name in ("sft", "pairs", "pqm", "orm", "buckets"):
         assert os.path.exists(out / "extracted" / f"{name}.jsonl")
+    _check_extracted(out, models["problems"], records)
 
 
 def test_ppm_augmented_and_inference_modes(models, tmp_path):
-    ppm = run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][:1], models["policy"], models["ppm"],
-                     str(tmp_path / "ppm"), progress=lambda s: None)
+    ppm = run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][:2], models["policy"], models["ppm"],
+                     str(tmp_path / "ppm"), extract_config=ExtractConfig(), progress=lambda s: None)
     assert ppm["seconds"]["score"] > 0
+    _check_extracted(tmp_path / "ppm", models["problems"], _records(tmp_path / "ppm" / "trees.jsonl"))
     for r in _records(tmp_path / "ppm" / "trees.jsonl"):
         for n in r.nodes[1:]:
             assert n.init_value is not None and -1 <= n.init_value <= 1
@@ -93,6 +120,20 @@ def test_ppm_augmented_and_inference_modes(models, tmp_path):
         for n in r.nodes:
             if n.terminal_reason == "answer":  # the PPM's score of the answer is what was backed up
                 assert n.visits == 1 and n.value_sum == pytest.approx(n.init_value, abs=1e-6)
+
+
+def test_problems_still_unsolved_get_the_extra_rollouts(models, tmp_path):
+    config = SearchConfig(mode="terminal", **{**SMALL, "rollouts": 2, "max_rollouts_unsolved": 4})
+    impossible = {**models["problems"][0], "id": "impossible", "answer": "-987654321"}
+    run_search(config, [impossible, models["problems"][1]], models["policy"], None, str(tmp_path),
+               progress=lambda s: None)
+    records = {r.problem_id: r for r in _records(tmp_path / "trees.jsonl")}
+    never = records["impossible"]
+    assert never.nodes[0].terminal_reason is None, "the root should stay expandable for the test to mean anything"
+    assert never.stats["rollouts"] == 4  # unsolved: up to max_rollouts_unsolved
+    for r in records.values():
+        unsolved_and_live = not any(n.correct for n in r.nodes) and r.nodes[0].terminal_reason is None
+        assert r.stats["rollouts"] == 4 if unsolved_and_live else 2 <= r.stats["rollouts"] <= 4
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(models, terminal_run, tmp_path):
