@@ -14,7 +14,7 @@ from experiments.expand import example_problem
 from experiments.search import run_search
 from rstar_jax.search import steps
 from rstar_jax.search.config import SearchConfig
-from rstar_jax.search.driver import ResumeError, read_finished, step_budgets, stream_id
+from rstar_jax.search.driver import ResumeError, pin_settings, read_finished, step_budgets, stream_id
 from rstar_jax.search.extract import ExtractConfig
 from rstar_jax.search.tree_record import TreeRecord
 from rstar_jax.verify.grader import Grader
@@ -208,6 +208,16 @@ def test_read_finished_cuts_a_torn_line_and_refuses_other_settings(tmp_path):
     path.write_text(good + "not json\n" + good)
     with pytest.raises(ResumeError, match=r"trees.jsonl:2: not a JSON tree record"):
         read_finished(str(path), "d1")
+
+
+def test_search_settings_are_saved_with_the_trees_and_other_settings_refused_by_name(tmp_path):
+    trees = str(tmp_path / "trees.process_1.jsonl")
+    pin_settings(trees, SearchConfig(rollouts=3, batch_size=4))
+    saved = json.loads((tmp_path / "trees.process_1.config.json").read_text())
+    assert saved["rollouts"] == 3 and "batch_size" not in saved
+    pin_settings(trees, SearchConfig(rollouts=3, batch_size=64))  # lock-step batch: the same trees
+    with pytest.raises(ResumeError, match=r"(?s)other settings .*rollouts: saved 3, now 4\n  temperature: saved 1.0, now 0.7"):
+        pin_settings(trees, SearchConfig(rollouts=4, temperature=0.7))
 
 
 def test_candidate_rules():

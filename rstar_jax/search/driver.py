@@ -89,6 +89,24 @@ def step_budgets(prompt_lengths: dict[int, int], max_step_tokens: int, max_conte
     return dict(groups)
 
 
+def pin_settings(out_path: str, config: SearchConfig) -> None:
+    """Save the search settings next to the trees (`<trees>.config.json`), or refuse settings that differ
+    from the saved ones, naming each field (batch_size may differ: it does not change the trees)."""
+    path = os.path.splitext(out_path)[0] + ".config.json"
+    ours = {k: v for k, v in dataclasses.asdict(config).items() if k != "batch_size"}
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            json.dump(ours, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    if diffs:
+        raise ResumeError(f"{out_path} holds trees searched with other settings ({path}); use another output "
+                          f"directory or the same settings:\n  " + "\n  ".join(diffs))
+
+
 def read_finished(path: str, digest: str) -> set[tuple[str, int]]:
     """(problem_id, seed) of the trees already in `path`, after cutting a line left half-written by a kill.
 
@@ -150,6 +168,7 @@ class SearchDriver:
         """Search every (problem, seed) not yet in `out_path`; append their records. Returns run statistics."""
         cfg = self.config
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        pin_settings(out_path, cfg)
         finished = read_finished(out_path, cfg.digest())
         todo = collections.deque((p, cfg.seed + r) for p in problems for r in range(cfg.runs)
                                  if (p["id"], cfg.seed + r) not in finished)
