@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 from absl import app, flags
 
@@ -230,6 +231,13 @@ def check_inputs() -> RoundInputs:
             train_common.config_from_flags(prefix)
     except ValueError as e:
         _fail(f"bad flag value: {e}")
+    if config.mode == "inference":
+        _fail("--mode=inference scores answers with the PPM instead of grading them, so it yields no verified "
+              "data: a round searches with --mode=terminal or ppm")
+    paper_mode = "terminal" if k <= 2 else "ppm"  # RSTAR.md section 7
+    if config.mode != paper_mode:
+        print(f"warning: round {k} searches with --mode={config.mode}, where the paper's round {k} is {paper_mode}: "
+              f"is a flagfile for another round in use?", file=sys.stderr, flush=True)
     _eval_spec(FLAGS.eval_methods)
     unknown = set(FLAGS.reward_models) - set(REWARD_MODELS)
     if unknown or "ppm" not in FLAGS.reward_models:

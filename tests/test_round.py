@@ -48,12 +48,15 @@ def test_bad_flags_and_missing_inputs_are_refused_before_anything_is_written(tmp
     assert out.returncode != 0 and "--eval_methods" in out.stderr and "vibes" in out.stderr, out.stderr
     out = _round(*common, f"--base_model={base}", "--reward_models=pqm")
     assert out.returncode != 0 and "--reward_models=pqm: must include ppm" in out.stderr, out.stderr
+    out = _round(*common, f"--base_model={base}", "--mode=inference", f"--ppm={base}")
+    assert out.returncode != 0 and "--mode=inference scores answers with the PPM" in out.stderr, out.stderr
     out = _round(*common, f"--base_model={base}", "--run_dir=gs://bucket/run")
     assert out.returncode != 0 and "--run_dir=gs://bucket/run" in out.stderr and "gcsfuse" in out.stderr
     assert not run.exists(), "a failed start wrote to the run directory"
     # The corrected command starts: it pins its flags and fails only where a stage loads the fake model.
     out = _round(*common, f"--base_model={base}")
     assert out.returncode != 0 and "[search]" in out.stdout + out.stderr and "saved" not in out.stderr
+    assert "warning: round" not in out.stderr
     assert json.loads((run / "round_1" / "flags.json").read_text())["rollouts"] == 8
 
 
@@ -85,3 +88,5 @@ def test_the_miniature_flags_are_pinned_for_every_round(tmp_path):
     assert out.returncode != 0 and (tmp_path / "run" / "miniature" / "data" / "DONE.json").exists(), out.stderr
     out = _round(*common, "--round=3", f"--policy={base}", "--miniature_pool=16")
     assert out.returncode != 0 and "--miniature_pool: saved 8, now 16" in out.stderr, out.stderr
+    # Round 3 with round 2's settings (terminal-guided) is allowed, with a warning.
+    assert "warning: round 3 searches with --mode=terminal, where the paper's round 3 is ppm" in out.stderr

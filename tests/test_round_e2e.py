@@ -136,3 +136,19 @@ def test_a_round_as_two_processes(setup, tmp_path):
     assert sft["train"]["loss"] > 0
     for stage in ("search", "policy", "ppm", "eval"):
         assert (run / "round_1" / stage / "DONE.json").exists(), stage
+
+
+@pytest.mark.slow
+def test_a_round_that_solves_no_problem_stops_and_keeps_its_trees(setup, tmp_path):
+    with open(setup / "pool.jsonl") as f:
+        pool = [json.loads(line) for line in f][:2]
+    impossible = tmp_path / "impossible.jsonl"
+    impossible.write_text("".join(json.dumps({**p, "answer": "-987654321"}) + "\n" for p in pool))
+    flags = [f for f in _flags(setup) if not f.startswith("--problems=")] + [f"--problems={impossible}"]
+    cmd = [sys.executable, "-m", "experiments.round", f"--run_dir={tmp_path / 'run'}", "--round=1", *flags,
+           "--mode=terminal"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "search solved none of the 2 pool problems" in proc.stderr, proc.stderr[-3000:]
+    search = tmp_path / "run" / "round_1" / "search"
+    assert len((search / "trees.jsonl").read_text().splitlines()) == 2  # kept: a rerun after a fix resumes
+    assert not (search / "DONE.json").exists()
