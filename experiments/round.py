@@ -96,8 +96,7 @@ def miniature_data(stage_dir: str) -> dict:
     seed = FLAGS.miniature_seed
     pool = miniature.make_pool(FLAGS.miniature_pool, seed)
     difficulties = [int(d) for d in FLAGS.miniature_eval_difficulties]
-    evals = [p for per in miniature.make_eval_sets(FLAGS.miniature_eval_per_difficulty, seed, difficulties).values()
-             for p in per]
+    evals = miniature.make_eval_set(FLAGS.miniature_eval_per_difficulty, seed, difficulties)
     corpus = miniature.teacher_corpus(FLAGS.miniature_teacher_solutions, seed)
     teacher = [{"id": p["id"], "prompt": tk.format_prompt(p["question"]), "response": text} for p, text, _ in corpus]
     for name, rows in (("pool", pool), ("eval", evals), ("teacher_sft", teacher)):

@@ -402,6 +402,11 @@ def make_eval_sets(per_difficulty: int, seed: int, difficulties: Iterable[int] =
             for d in difficulties}
 
 
+def make_eval_set(per_difficulty: int, seed: int, difficulties: Iterable[int] = DIFFICULTIES) -> list[dict]:
+    """`make_eval_sets` as one list, difficulty by difficulty in the order given."""
+    return [p for per in make_eval_sets(per_difficulty, seed, difficulties).values() for p in per]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The noisy teacher
 
