@@ -7,6 +7,8 @@ command resumes from the newest complete checkpoint; a finished run just exports
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 
 from typing import Callable, Sequence
@@ -125,10 +127,12 @@ def _model(task_name: str, cfg: TrainStageConfig, tokenizer, mesh):
     return tk.sync_model_vocab(model, tokenizer, nnx.Rngs(cfg.seed + 1), pad_to_multiple_of=mesh.shape["tensor"])
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     """Reads records, trains with resume, exports; returns the final train / eval metrics."""
-    import json
-
     import jax
 
     from rstar_jax import parallel
@@ -201,6 +205,7 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     run_config = {"task": task_name, "model": dataclasses.asdict(trainer.model_config),
                   "optim": dataclasses.asdict(optim), "data": dataclasses.asdict(batch_cfg), "total_steps": total,
                   "max_len": cfg.max_len, "overlength": cfg.overlength, "examples": len(examples),
+                  "records_digest": _digest([r.fields for r in records]),
                   "compute_dtype": cfg.compute_dtype, "init": cfg.init_hf_dir or f"preset:{cfg.preset}",
                   **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else {})}
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), run_config, every=cfg.checkpoint_every,

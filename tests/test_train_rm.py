@@ -84,9 +84,12 @@ def test_train_rm_pqm_and_orm_score_what_they_were_taught(task, tmp_path):
     scorer = load_scorer(str(tmp_path / task / "hf"), max_tokens=64)
     good, bad = scorer.score(["Q: 7 plus 7?\nA: 14 right", "Q: 7 plus 7?\nA: 15 wrong"])
     assert -1 <= bad < good <= 1
-    if task == "orm":  # the value head's dropout shapes the run: its checkpoints are not resumed with another
+    if task == "orm":  # what shapes the run must match for its checkpoints to be resumed
         again = subprocess.run(command + ["--head_dropout=0.3"], capture_output=True, text=True, timeout=180, env=env)
         assert again.returncode != 0 and "head_dropout" in again.stderr, again.stderr[-3000:]
+        write_jsonl(path, [{**r, "correct": not r["correct"]} for r in records])  # other labels, as many records
+        again = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+        assert again.returncode != 0 and "records_digest" in again.stderr, again.stderr[-3000:]
 
 
 def test_fit_writes_tensorboard_and_a_profile_window(tmp_path):
