@@ -133,7 +133,7 @@ def test_problems_still_unsolved_get_the_extra_rollouts(models, tmp_path):
     assert never.stats["rollouts"] == 4  # unsolved: up to max_rollouts_unsolved
     for r in records.values():
         unsolved_and_live = not any(n.correct for n in r.nodes) and r.nodes[0].terminal_reason is None
-        assert r.stats["rollouts"] == 4 if unsolved_and_live else 2 <= r.stats["rollouts"] <= 4
+        assert r.stats["rollouts"] == 4 if unsolved_and_live else r.stats["rollouts"] <= 4
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(models, terminal_run, tmp_path):
