@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 
+from experiments import stages
 from experiments.usage import check_usage
 
 FLAGS = flags.FLAGS
@@ -38,9 +38,7 @@ def main(argv):
     rows = (miniature.make_pool(FLAGS.num, FLAGS.seed, difficulties) if FLAGS.split == "pool" else
             miniature.make_eval_set(FLAGS.per_difficulty, FLAGS.seed, difficulties))
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(FLAGS.out + ".tmp", FLAGS.out)
+    stages.write_jsonl_atomic(FLAGS.out, rows)
     print(f"{len(rows)} {FLAGS.split} problems (difficulties {','.join(map(str, difficulties))}, seed {FLAGS.seed}) "
           f"-> {FLAGS.out}")
 

@@ -100,7 +100,7 @@ def miniature_data(stage_dir: str) -> dict:
     corpus = miniature.teacher_corpus(FLAGS.miniature_teacher_solutions, seed)
     teacher = [{"id": p["id"], "prompt": tk.format_prompt(p["question"]), "response": text} for p, text, _ in corpus]
     for name, rows in (("pool", pool), ("eval", evals), ("teacher_sft", teacher)):
-        _write_jsonl(os.path.join(stage_dir, f"{name}.jsonl"), rows)
+        stages.write_jsonl_atomic(os.path.join(stage_dir, f"{name}.jsonl"), rows)
     tk.build_sentencepiece_tokenizer([r["prompt"] + r["response"] for r in teacher[:5000]],
                                      os.path.join(stage_dir, "tokenizer"), vocab_size=1024, seed=seed)
     return {"pool": len(pool), "eval": len(evals), "teacher_solutions": len(teacher),
@@ -403,13 +403,6 @@ def dry_run() -> str:
             cfg, mesh, batch=t.batch_size, seq=t.max_len, microbatches=t.microbatches, compute_dtype=t.compute_dtype,
             remat=t.remat, reward_model=prefix == "ppm_", stage=name), mesh, gib))
     return "\n".join(parts)
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 def main(argv):

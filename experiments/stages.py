@@ -25,6 +25,14 @@ class FlagConflictError(ValueError):
     pass
 
 
+def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
+    """One JSON object per line, written to a temporary file and renamed into place."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: str, value) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
