@@ -44,7 +44,7 @@ setup(
     ],
     extras_require={
         # Parity tests compare against HF's PyTorch Qwen2 (CPU wheel).
-        "test": ["pytest==9.0.3", "torch==2.13.0"],
+        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "execnet==2.1.2", "torch==2.13.0"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
         # experiments.bench.tree compares with mctx's muzero_policy for scale.

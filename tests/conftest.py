@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices for sharding tests, and absl flags kept away from pytest's argv."""
+"""Test setup: 8 fake CPU devices for sharding tests, absl flags kept away from pytest's argv, and the number of
+parallel test processes."""
 import os
 
 # Must happen before jax is imported anywhere.
@@ -12,6 +13,11 @@ if not flags.FLAGS.is_parsed():
 
 
 import pytest  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one test process per usable core, at most 4 (each holds a few GiB)."""
+    return min(len(os.sched_getaffinity(0)), 4)
 
 
 @pytest.fixture(scope="session")

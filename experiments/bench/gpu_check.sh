@@ -31,7 +31,7 @@ if ! $py -c "$smoke"; then
 fi
 
 section "parity tests on the GPU (fp32 at full matmul precision: TF32 would miss 1e-4)"
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 $py -m pytest -q -rs \
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 $py -m pytest -q -rs -o addopts= -p no:cacheprovider \
     tests/test_models_hf_parity.py tests/test_kv_cache.py tests/test_sampling.py -k "not sharded" 2>&1 \
     | tee "$OUT/parity.log" | tail -15
 
