@@ -219,7 +219,8 @@ def test_renders_a_tree_the_real_search_wrote(miniature, tmp_path):
     render(record, str(tmp_path / "t.html"))
     render(record, str(tmp_path / "t.svg"))
     parsed = _parse((tmp_path / "t.html").read_text(encoding="utf-8"))
-    assert parsed.steps == {n.id: rd.clean(n.text) for n in record.nodes[1:]}  # the tiny model writes \x15 etc.
+    # The tiny model writes \x15 etc.; a step that failed also shows its error.
+    assert parsed.steps == {n.id: rd.clean(n.text) + (n.error or "") for n in record.nodes[1:]}
     path, _ = rd.chosen_path(record)
     assert [int(d["data-node"]) for d in parsed.details if "chosen" in d["class"].split()] == path
     assert len(ET.parse(str(tmp_path / "t.svg")).getroot().findall("{http://www.w3.org/2000/svg}g")) == min(
