@@ -222,6 +222,39 @@ def test_ppm_from_policy_checkpoint_needs_the_explicit_option(policy):
     assert np.abs(_scores(fresh)).max() < 1e-3  # the reference init scores ~0 before training
 
 
+def _split_value_head(hf_dir, dst):
+    """A copy of a PPM checkpoint with its value head moved to its own file, as LLaMA-Factory saves it."""
+    tensors = safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
+    head = {k: tensors.pop(k) for k in ("v_head.summary.weight", "v_head.summary.bias")}
+    dst = _rewrite(hf_dir, dst, lambda t: [t.pop(k) for k in head])
+    safetensors.numpy.save_file(head, os.path.join(dst, "value_head.safetensors"), metadata={"format": "pt"})
+    return dst, head
+
+
+def test_value_head_in_its_own_file_loads(ppm, tmp_path):
+    model, hf_dir = ppm
+    split, head = _split_value_head(hf_dir, tmp_path / "split")
+    loaded = load_hf(split, ppm=True)
+    _assert_same_params(model, loaded)
+    np.testing.assert_array_equal(_scores(loaded), _scores(model))
+    # Re-exporting into the directory writes the head with the weights and removes the separate file.
+    save_hf(loaded, split)
+    assert not os.path.exists(os.path.join(split, "value_head.safetensors"))
+    np.testing.assert_array_equal(_scores(load_hf(split, ppm=True)), _scores(model))
+    both = _rewrite(hf_dir, tmp_path / "both")
+    safetensors.numpy.save_file(head, os.path.join(both, "value_head.safetensors"))
+    with pytest.raises(CheckpointError, match=r"v_head.summary.(.|\n)*both in value_head.safetensors"):
+        load_hf(both, ppm=True)
+
+
+def test_value_head_pickle_is_never_replaced_by_a_fresh_head(ppm, tmp_path):
+    split, _ = _split_value_head(ppm[1], tmp_path / "split")
+    os.rename(os.path.join(split, "value_head.safetensors"), os.path.join(split, "value_head.bin"))
+    for fresh in (False, True):
+        with pytest.raises(CheckpointError, match=r"value head is in value_head.bin(.|\n)*value_head.safetensors"):
+            load_hf(split, ppm=True, init_missing_value_head=fresh)
+
+
 def test_partial_value_head_is_refused(ppm, tmp_path):
     drop = lambda t: t.pop("v_head.summary.bias")
     with pytest.raises(CheckpointError, match=r"missing tensor 'v_head.summary.bias'(.|\n)*only partly stored"):

@@ -233,3 +233,9 @@ def test_spm_tokenizer_exported_with_a_qwen2_model_keeps_its_ids(spm_dir, tmp_pa
     reloaded = tk.load_tokenizer(tmp_path)
     assert reloaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
     assert reloaded.decode(reloaded.encode(text, add_special_tokens=False)) == text
+    # HF generate() on the export stops at the tokenizer's end of text.
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert tok.eos_token_id is not None and config.eos_token_id == tok.eos_token_id
+    assert (config.bos_token_id, config.pad_token_id) == (tok.bos_token_id, tok.pad_token_id)
+    assert transformers.GenerationConfig.from_model_config(config).eos_token_id == tok.eos_token_id

@@ -5,7 +5,9 @@ safetensors headers alone, so a bad directory fails with one error listing every
 data is read. Then each parameter is read block by block: on a mesh, each device's callback reads
 only the slice of the HF tensor that its shard needs, so a host reads only what its devices hold.
 Export writes a directory that `transformers` loads as `Qwen2ForCausalLM`; a PPM adds
-`v_head.summary.{weight,bias}` (which HF ignores as unexpected keys).
+`v_head.summary.{weight,bias}` (which HF ignores as unexpected keys). On import the value head may also
+sit in its own `value_head.safetensors` next to the backbone, as LLaMA-Factory-style reward-model
+training saves it.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# A value head saved apart from the backbone (LLaMA-Factory's reward models): safetensors read, pickle refused.
+VALUE_HEAD_FILE, VALUE_HEAD_PICKLE = "value_head.safetensors", "value_head.bin"
 # Float dtypes a parameter may be stored in (cast to the model dtype on load). FP8 and integer
 # tensors are quantised formats that need scales we do not read, so they are refused.
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -132,6 +136,13 @@ class SafetensorsReader:
             absent = sorted(k for k in key_to_file if k not in self._slices)
             if absent:
                 raise CheckpointError(f"{hf_dir}: {INDEX_FILE} maps {absent[:5]} to files that do not contain them")
+        head_file = os.path.join(hf_dir, VALUE_HEAD_FILE)
+        if os.path.exists(head_file):
+            handle = self._handles[head_file] = self._open(head_file)
+            twice = sorted(set(handle.keys()) & set(self._slices))
+            if twice:
+                raise CheckpointError(f"{hf_dir}: {twice[:5]} stored both in {VALUE_HEAD_FILE} and the model weights")
+            self._slices.update({key: handle.get_slice(key) for key in handle.keys()})
 
     @staticmethod
     def _open(path: str):
@@ -237,6 +248,13 @@ def _value_head_source(missing: dict[str, str], init_missing_value_head: bool, c
     """Reports missing tensors; a wholly missing value head is initialised fresh only when asked to."""
     head = [p for p in missing if p.startswith("v_head.")]
     whole_head = len(head) == 2
+    if whole_head and os.path.exists(os.path.join(hf_dir, VALUE_HEAD_PICKLE)):
+        # Never start fresh over a trained head that is merely in a format read without torch.
+        problems.append(f"the value head is in {VALUE_HEAD_PICKLE} (a PyTorch pickle, not read here): convert it "
+                        f"next to it with python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
+                        f"'{VALUE_HEAD_PICKLE}'), '{VALUE_HEAD_FILE}')\"")
+        problems += [msg for p, msg in missing.items() if p not in head]
+        return {}
     if init_missing_value_head and whole_head:
         log.info("%s: no value head stored; initialised a fresh one (init_missing_value_head=True)", hf_dir)
         problems += [msg for p, msg in missing.items() if p not in head]
@@ -346,7 +364,7 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
 
 def _remove_old_weights(out_dir: str) -> None:
     # A stale index or shard set from an earlier export would otherwise shadow or mix with the new one.
-    for name in [SINGLE_FILE, INDEX_FILE] + [os.path.basename(p) for p in glob.glob(
+    for name in [SINGLE_FILE, INDEX_FILE, VALUE_HEAD_FILE] + [os.path.basename(p) for p in glob.glob(
         os.path.join(out_dir, "model-*-of-*.safetensors"))]:
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
@@ -391,7 +409,10 @@ def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: i
         with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map},
                       f, indent=2)
+    hf_config = cfg.to_hf_dict()
+    if tokenizer is not None:  # HF generate() stops at the config's eos id, as Qwen2.5-Math's config.json sets it
+        hf_config.update({f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_dict(), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
