@@ -72,6 +72,15 @@ def test_good_policy_dir_passes(policy_dir, capsys):
     assert "argmax agrees at 6/6 positions" in lines
 
 
+def test_our_side_runs_at_full_matmul_precision(policy_dir, capsys, monkeypatch):
+    """GPUs (TF32) and TPUs (bf16 passes) would miss the tolerance at XLA's default precision."""
+    from jax._src import config as jax_config
+    seen, run = [], check_hf._run_ours
+    monkeypatch.setattr(check_hf, "_run_ours", lambda *a: seen.append(jax_config.default_matmul_precision.value)
+                        or run(*a))
+    assert _run(capsys, hf_dir=policy_dir)[0] == 0 and seen == ["highest"]
+
+
 def test_good_ppm_dir_passes_and_compares_the_score(ppm_dir, capsys):
     status, lines = _run(capsys, hf_dir=ppm_dir, ppm=True)
     assert status == 0, "\n".join(lines)
