@@ -223,9 +223,9 @@ class Sampler:
     @classmethod
     def for_steps(cls, model: Qwen2, tokenizer, **kwargs) -> "Sampler":
         """A sampler of rStar steps: stops at the step tags (as tokens and as text), eos ends a row too."""
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         return cls(model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), stop_strings=tk.STOP_TAGS,
-                   stop_token_ids=tk.stop_token_ids(tokenizer), eos_token_ids=eos, pad_id=tokenizer.pad_token_id or 0,
+                   stop_token_ids=tk.stop_token_ids(tokenizer), eos_token_ids=tk.eos_token_ids(tokenizer),
+                   pad_id=tokenizer.pad_token_id or 0,
                    valid_vocab_size=tk.vocab_rows_needed(tokenizer), **kwargs)
 
     # ---- device programs -----------------------------------------------------------------------

@@ -110,6 +110,18 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(tag_ids(tokenizer, STOP_TAGS).values())
 
 
+def eos_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end a generation: the tokenizer's eos and those of the directory's `generation_config.json`
+    (an Instruct checkpoint's tokenizer says `<|im_end|>` while generation also ends at `<|endoftext|>`)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    path = os.path.join(tokenizer.name_or_path or "", "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            listed = json.load(f).get("eos_token_id")
+        ids += listed if isinstance(listed, list) else [] if listed is None else [listed]
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
 def vocab_rows_needed(tokenizer) -> int:
     """Embedding rows the model needs: one past the largest id (added tokens included)."""
     return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)

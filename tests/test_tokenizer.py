@@ -138,6 +138,20 @@ def test_spm_stop_token_ids(spm_dir):
     assert tok.eos_token_id == 2 and 2 not in stops
 
 
+def test_eos_ids_include_the_generation_config_s(bpe_dir, tmp_path):
+    """An Instruct-style directory: the tokenizer's eos is `<|im_end|>`, generation also ends at `<|endoftext|>`."""
+    assert tk.eos_token_ids(tk.load_tokenizer(bpe_dir)) == (tk.load_tokenizer(bpe_dir).eos_token_id,)
+    instruct = tmp_path / "instruct"
+    plain = tk.load_tokenizer(bpe_dir, add_step_tags=False)
+    plain.add_special_tokens({"eos_token": "<|im_end|>"})
+    plain.save_pretrained(instruct)
+    im_end, endoftext = plain.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    (instruct / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    assert tk.eos_token_ids(tk.load_tokenizer(instruct)) == (im_end, endoftext)
+    (instruct / "generation_config.json").write_text(json.dumps({"eos_token_id": endoftext}))
+    assert tk.eos_token_ids(tk.load_tokenizer(instruct)) == (im_end, endoftext)
+
+
 def test_spm_build_is_deterministic(spm_dir, tmp_path):
     again = tk.build_sentencepiece_tokenizer(_corpus(), tmp_path / "again", vocab_size=VOCAB)
     for name in ("tokenizer.json", tk.SPM_FILE):

@@ -87,9 +87,9 @@ class BaselineConfig:
 def block_sampler(model, tokenizer, **kwargs) -> Sampler:
     """A sampler of whole code blocks: stops at `<end_of_code>` and `<end_of_answer>` (and eos), not at
     `<end_of_step>`; the sampler `greedy` and `sample_solutions` need (answer steps stop at `<end_of_answer>`)."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return Sampler(model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), stop_strings=BLOCK_STOPS,
-                   stop_token_ids=tuple(tk.tag_ids(tokenizer, BLOCK_STOPS).values()), eos_token_ids=eos,
+                   stop_token_ids=tuple(tk.tag_ids(tokenizer, BLOCK_STOPS).values()),
+                   eos_token_ids=tk.eos_token_ids(tokenizer),
                    pad_id=tokenizer.pad_token_id or 0, valid_vocab_size=tk.vocab_rows_needed(tokenizer), **kwargs)
 
 
