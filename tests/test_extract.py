@@ -330,30 +330,37 @@ def test_subtree_outcomes():
 
 def test_step_pairs_selection_counts_and_filters():
     # Positives (highest Q leading to a correct answer): 1 (.9), 2 (.2); not 3 (0) nor 6 (-.9, mixed subtree).
-    # Negatives (lowest Q leading to a wrong answer only): 8 (-1, exec error), 4 (-.2); not 5 (.1), not 7.
-    # (1,8) 1.9 kept; (1,4) 1.1 kept; (2,8) 1.2 but NEAR vs NEAR' is 1 edit apart: dropped; (2,4) .4: dropped.
+    # Negatives (lowest Q leading to a wrong answer only): 4 (-.2), 5 (.1): the exec error 8 (Q -1) only fills a
+    # slot that steps leading to a wrong answer leave (below). Not 7 (leads nowhere).
+    # (1,4) 1.1 kept; (1,5) .8 kept; (2,4) .4 and (2,5) .1 fail the margin.
     config = ExtractConfig()
-    out = extract([PAIRS], config)
+    steps = step_pairs(rec(PAIRS), config)
+    assert [(p["id"], round(p["margin"], 6)) for p in steps] == [("pairs/step0/1-4", 1.1), ("pairs/step0/1-5", 0.8)]
+    assert step_pairs(rec(PAIRS), ExtractConfig(exec_error_is_negative=False)) == steps
+
+    # Node 5's answer ungraded: 5 leads nowhere, and the exec error 8 takes the second negative slot.
+    # (1,4) 1.1 kept; (1,8) 1.9 kept; (2,4) .4: dropped; (2,8) 1.2 but NEAR vs NEAR' is 1 edit apart: dropped.
+    d = copy.deepcopy(PAIRS)
+    d["nodes"][13]["correct"] = None
+    out = extract([d], config)
     steps = [p for p in out.pairs if "/step" in p["id"]]
-    assert [p["id"] for p in steps] == ["pairs/step0/1-8", "pairs/step0/1-4"]
-    assert steps[0] == {"id": "pairs/step0/1-8", "prompt": PROMPT, "pos": step("poshigh"),
+    assert [p["id"] for p in steps] == ["pairs/step0/1-4", "pairs/step0/1-8"]
+    assert steps[1] == {"id": "pairs/step0/1-8", "prompt": PROMPT, "pos": step("poshigh"),
                         "neg": NEAR.replace("x = 2", "x = 3"), "pos_count": 2, "neg_count": 2,
                         "margin": pytest.approx(1.9)}
-    assert steps[1]["margin"] == pytest.approx(1.1) and steps[1]["neg"] == step("neglow")
+    assert steps[0]["margin"] == pytest.approx(1.1) and steps[0]["neg"] == step("neglow")
     assert out.stats["pairs"]["step"] == {"candidates": 4, "dropped_margin": 1, "dropped_edit_distance": 1,
                                           "kept": 2, "sites": 1}
     # Node 6's children are answer steps: compared as whole trajectories, never as a step pair.
     assert not any(p["id"].startswith("pairs/step6/") for p in out.pairs)
-
-    # Exec errors not negative: negatives become 4 (-.2), 5 (.1); (2,4) .4 and (2,5) .1 fail the margin.
-    steps = step_pairs(rec(PAIRS), ExtractConfig(exec_error_is_negative=False))
-    assert [(p["id"], round(p["margin"], 6)) for p in steps] == [("pairs/step0/1-4", 1.1), ("pairs/step0/1-5", 0.8)]
+    # Exec errors not negative: 4 is the only negative; (2,4) fails the margin.
+    assert [p["id"] for p in step_pairs(rec(d), ExtractConfig(exec_error_is_negative=False))] == ["pairs/step0/1-4"]
     # No filters: all four combinations.
-    steps = step_pairs(rec(PAIRS), ExtractConfig(min_margin=-10, min_edit_distance=0))
-    assert [p["id"] for p in steps] == ["pairs/step0/1-8", "pairs/step0/1-4", "pairs/step0/2-8", "pairs/step0/2-4"]
+    steps = step_pairs(rec(d), ExtractConfig(min_margin=-10, min_edit_distance=0))
+    assert [p["id"] for p in steps] == ["pairs/step0/1-4", "pairs/step0/1-8", "pairs/step0/2-4", "pairs/step0/2-8"]
     # One per side.
-    steps = step_pairs(rec(PAIRS), ExtractConfig(pairs_per_side=1))
-    assert [(p["id"], p["pos_count"], p["neg_count"]) for p in steps] == [("pairs/step0/1-8", 1, 1)]
+    steps = step_pairs(rec(d), ExtractConfig(pairs_per_side=1))
+    assert [(p["id"], p["pos_count"], p["neg_count"]) for p in steps] == [("pairs/step0/1-4", 1, 1)]
 
 
 def test_step_pair_prompt_is_the_prefix_and_counts_are_before_filtering():

@@ -8,7 +8,8 @@ Input: tree records (``rstar_jax.search.tree_record``). Definitions used through
 - A node *leads to a correct answer* when its subtree (itself included) holds an answer node with
   ``correct is True``; it *leads to a wrong answer* when it does not, and its subtree holds an answer node with
   ``correct is False`` or (``exec_error_is_negative``, the default) an ``exec_error`` node: a step that fails to
-  execute is a wrong step. Ungraded answers (``correct is None``) count as neither.
+  execute is a wrong step. Ungraded answers (``correct is None``) count as neither. Negatives that lead to a
+  wrong *answer* come first: a failed step (Q = -1, the lowest there is) only fills a slot they leave.
 
 Outputs (RSTAR.md section 5; DESIGN.md "Formats between stages"):
 
@@ -259,6 +260,7 @@ def step_pairs(record: TreeRecord, config: ExtractConfig, pair_filter: _PairFilt
     """The step-level preference pairs of one tree (filtered), in node id order."""
     pair_filter = pair_filter or _PairFilter(config)
     has_correct, has_wrong = subtree_outcomes(record, config.exec_error_is_negative)
+    _, has_wrong_answer = subtree_outcomes(record, exec_error_is_negative=False)
     k = config.pairs_per_side
     pairs = []
     prefix: dict[int, str] = {}  # path text of the nodes that have pairs (computed on demand)
@@ -267,7 +269,8 @@ def step_pairs(record: TreeRecord, config: ExtractConfig, pair_filter: _PairFilt
         if len(kids) < 2:
             continue
         pos = sorted((c for c in kids if has_correct[c.id]), key=lambda c: (-c.q, c.id))[:k]
-        neg = sorted((c for c in kids if not has_correct[c.id] and has_wrong[c.id]), key=lambda c: (c.q, c.id))[:k]
+        neg = sorted((c for c in kids if not has_correct[c.id] and has_wrong[c.id]),
+                     key=lambda c: (not has_wrong_answer[c.id], c.q, c.id))[:k]
         if not pos or not neg:
             continue
         pair_filter.counts["step"]["sites"] += 1

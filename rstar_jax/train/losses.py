@@ -38,7 +38,8 @@ def masked_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -
 
 
 def pair_weights(pos_count: jax.Array, neg_count: jax.Array) -> jax.Array:
-    """rStar Eq. 4's per-pair weight 1 / (pos_count * neg_count): every step counts once. [P] -> [P]."""
+    """rStar Eq. 4's per-pair weight 1 / (pos_count * neg_count), the counts selected before the margin and
+    edit-distance filters: a step counts once, or by the fraction of its pairs kept. [P] -> [P]."""
     return 1.0 / (pos_count * neg_count).astype(jnp.float32)
 
 
@@ -56,8 +57,9 @@ def pairwise_preference_sums(r_pos: jax.Array, r_neg: jax.Array, pos_count: jax.
                              valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(weighted Bradley-Terry sum, sum of weights) over the valid pairs.
 
-    Their ratio is the weighted mean: the mean over steps of each step's mean pair loss, independent
-    of the batch size (the reference's plain sum grows with it). All arguments: [P]; valid: bool.
+    Their ratio is the weighted mean: the mean over steps of each step's mean pair loss (a step whose pairs
+    were partly filtered out weighs less), independent of the batch size (the reference's plain sum grows with
+    it). All arguments: [P]; valid: bool.
     """
     w = jnp.where(valid, pair_weights(pos_count, neg_count), 0.0)  # [P]
     return -jnp.sum(w * jax.nn.log_sigmoid(r_pos - r_neg)), jnp.sum(w)
