@@ -74,6 +74,20 @@ def test_weight_decay_skips_biases_and_norms_but_not_the_value_head_weight():
         np.testing.assert_allclose(no_decay, 0.0)
 
 
+def test_weight_decay_on_the_real_ppm_skips_its_2d_attention_biases():
+    from rstar_jax.models import PPM, preset
+    tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0), total_steps=10)
+    params = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(nnx.state(PPM(preset("tiny"), rngs=nnx.Rngs(0)), nnx.Param)))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    attn = updates["backbone"]["layers"][0]["self_attn"]
+    assert attn["q_bias"].ndim == 2  # [heads, head_dim]: a rank rule alone would decay it
+    for name in ("q_bias", "k_bias", "v_bias"):
+        np.testing.assert_allclose(attn[name], 0.0)
+    np.testing.assert_allclose(updates["backbone"]["layers"][0]["input_layernorm"]["weight"], 0.0)
+    np.testing.assert_allclose(attn["q_proj"], -0.05, rtol=1e-6)
+    np.testing.assert_allclose(updates["v_head"]["weight"], -0.05, rtol=1e-6)
+
+
 def test_value_head_dropout_zeroes_and_rescales_its_input():
     head = ValueHead(1000, nnx.Rngs(0))
     head.weight[...], head.bias[...] = jnp.ones(1000), jnp.zeros(())

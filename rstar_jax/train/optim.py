@@ -56,10 +56,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    # As HF Trainer does: no decay on biases and norm scales (rank < 2). The value head's weight is a
-    # vector here but a Linear weight [1, D] in HF, so it decays like the reference's.
+    # As HF Trainer does: no decay on biases (by name: ours are [heads, head_dim]) and norm scales (rank 1).
+    # The value head's weight is a vector here but a Linear weight [1, D] in HF, so it decays like the reference's.
     def decays(path, p):
         names = [k.key for k in path if hasattr(k, "key")]  # dict keys (nnx adds a `.value` attribute)
+        if str(names[-1]).endswith("bias"):
+            return False
         return p.ndim >= 2 or names[-2:] == ["v_head", "weight"]
     return jax.tree_util.tree_map_with_path(decays, params)
 
