@@ -120,3 +120,20 @@ def test_holdout_split_is_seeded_and_disjoint():
     assert {r.fields["prompt"] for r in held}.isdisjoint(r.fields["prompt"] for r in train)
     with pytest.raises(RecordError, match="leaves nothing to train on"):
         holdout_split(pairs[:4], 0.5, seed=0)
+
+
+def test_holdout_keeps_a_problem_s_pairs_of_every_step_together():
+    """Step pairs below the root have the path in their prompt; final-answer pairs hold every step's text."""
+    from rstar_jax.tokenizer import format_prompt
+    recs = []
+    for q in range(8):
+        prompt, path = format_prompt(f"question {q}"), ""
+        for depth in range(3):
+            recs += [Record({"id": f"q{q}/step{depth}/{p}-{n}", "prompt": prompt + path, "pos": f"s{p}", "neg": f"s{n}"},
+                            "pairs.jsonl") for p in "ab" for n in "cd"]
+            path += f"step {depth}\n"
+        recs.append(Record({"id": f"q{q}/final/1-2", "prompt": prompt, "pos": path, "neg": "x"}, "pairs.jsonl"))
+    for seed in range(10):
+        train, held = holdout_split(recs, 0.05, seed)
+        problem = lambda r: r.fields["id"].split("/")[0]
+        assert len(held) == 13 and {problem(r) for r in held}.isdisjoint(map(problem, train))

@@ -13,6 +13,9 @@ import os
 from collections.abc import Sequence
 
 from rstar_jax.jsonl import json_objects
+from rstar_jax.tokenizer import PROMPT_TEMPLATE
+
+_PROMPT_END = PROMPT_TEMPLATE.split("{question}")[1]  # "\n<|assistant|>: Let's think step by step ..."
 
 KINDS = ("sft", "pair", "pqm", "orm")
 
@@ -91,25 +94,34 @@ def read_records(kind: str, paths: str | Sequence[str]) -> list[Record]:
     return records
 
 
+def _question(prompt: str) -> str:
+    """The problem a prompt poses: the rStar prompt up to the end of its template (a step pair's prompt goes on
+    with the path's steps); any other prompt whole."""
+    end = prompt.find(_PROMPT_END)
+    return prompt if end < 0 else prompt[:end + len(_PROMPT_END)]
+
+
 def holdout_split(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, held out): about a seeded `fraction` of the records (at least one when fraction > 0) held out.
 
-    Records that share a prompt are held out together: a step's preference pairs cross the same positives
-    with the same negatives, so holding out one pair alone would test on texts trained on.
+    A problem's records are held out together: its preference pairs at every step and its final-answer pairs
+    (whole trajectories, which contain every step) share texts, so holding out some of them would test on
+    texts trained on.
     """
     import numpy as np
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction {fraction} must be in [0, 1)")
     n_out = 0 if fraction == 0 else max(1, int(round(len(records) * fraction)))
-    groups: dict[str, list[int]] = {}  # prompt -> record indices, in order of first appearance
+    by_question: dict[str, list[int]] = {}  # question -> record indices, in order of first appearance
     for i, r in enumerate(records):
-        groups.setdefault(r.fields.get("prompt", ""), []).append(i)
+        by_question.setdefault(_question(r.fields.get("prompt", "")), []).append(i)
+    groups = list(by_question.values())
     held: set[int] = set()
     for g in np.random.default_rng(seed).permutation(len(groups)):
         if len(held) >= n_out:
             break
-        held.update(list(groups.values())[g])
+        held.update(groups[g])
     if len(held) >= len(records) and n_out > 0:
-        raise RecordError(f"holdout fraction {fraction} of {len(records)} records ({len(groups)} prompts) leaves "
+        raise RecordError(f"holdout fraction {fraction} of {len(records)} records ({len(groups)} problems) leaves "
                           "nothing to train on")
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
