@@ -6,7 +6,8 @@ abstract sharded model (`nnx.eval_shape`) and optimizer state (`jax.eval_shape`)
 - search: the policy's parameters in its dtype (and the PPM's when the search scores with one), the KV cache
   of one lock-step expansion (the shared prompt prefix of every tree in the batch at the context limit, plus
   each candidate's own step slots), and one decode step's fp32 logits;
-- training: fp32 master parameters, AdamW moments, fp32 gradients, and activations of one microbatch:
+- training: fp32 master parameters, AdamW moments, fp32 gradients (a reward model's inherited untied LM head
+  is none of these: it is kept in the model's dtype, untrained), and activations of one microbatch:
   an estimate after Korthikanti et al. 2022 (per layer and token 17 hidden-size values plus 2.5 attention
   scores per head and key, in the compute dtype; per-layer inputs only with remat), plus fp32 logits.
 
@@ -80,19 +81,23 @@ def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: i
     logits. A reward model's example is a pair: two sequences per row, a value head instead of logits."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
+    from rstar_jax.models.ppm import UNUSED_BY_SCORE
     from rstar_jax.train.optim import OptimConfig, make_optimizer
     cfg = model_config
-    params = _abstract_params(cfg)
+    params = _abstract_params(cfg, ppm=reward_model)
+    frozen, params = nnx.split_state(params, UNUSED_BY_SCORE if reward_model else nnx.Nothing, ...)
     with jax.set_mesh(mesh):
         master = _sharded_bytes(params, mesh, 4)
+        kept = _sharded_bytes(frozen, mesh, cfg.jnp_dtype.itemsize)
     # The abstract optimizer state: copies of the parameters (AdamW's mu and nu, sharded like them) plus
     # replicated scalars (step counts).
     tx, _ = make_optimizer(optim or OptimConfig(), 1)
     fp32 = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32), params)
     opt_leaves = jax.tree.leaves(jax.eval_shape(tx.init, fp32))
-    copies = sum(math.prod(x.shape) for x in opt_leaves if x.shape) // sum(map(math.prod, (
-        x.shape for x in jax.tree.leaves(fp32))))
+    copies = round(sum(math.prod(x.shape) for x in opt_leaves if x.shape) / sum(map(math.prod, (
+        x.shape for x in jax.tree.leaves(fp32)))))  # rounded: a value head's scalar bias has scalar moments
     scalars = sum(x.dtype.itemsize for x in opt_leaves if not x.shape)
 
     tp = mesh.shape["tensor"]
@@ -113,6 +118,8 @@ def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: i
     ]
     if not reward_model:
         items.append(MemoryItem(stage, f"logits and their gradient (fp32, vocab {cfg.vocab_size})", round(logits)))
+    if kept:
+        items.append(MemoryItem(stage, f"the policy's untied LM head, kept untrained ({cfg.dtype})", kept))
     return items
 
 

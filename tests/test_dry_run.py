@@ -44,6 +44,13 @@ def test_7b_on_eight_devices_shards_weights_over_fsdp_and_tensor():
     assert remat["activations"].bytes_per_device < train["activations"].bytes_per_device / 4
     ppm = _by_name(training_memory(cfg, mesh, **TRAIN, reward_model=True))
     assert "logits and their gradient" not in ppm  # a value head, no vocabulary logits
+    # 7B's untied LM head is kept in bf16 but not trained: no fp32 copy, gradient or AdamW moments of it.
+    head = cfg.vocab_size * cfg.hidden_size
+    assert ppm["the policy's untied LM head, kept untrained"].bytes_per_device == head * 2 // 4
+    trained = train["master parameters"].bytes_per_device - ppm["master parameters"].bytes_per_device
+    assert head * 4 // 4 - (cfg.hidden_size + 1) * 4 <= trained <= head * 4 // 4
+    assert ppm["gradients"].bytes_per_device == ppm["master parameters"].bytes_per_device
+    assert ppm["optimizer state"].what.startswith("optimizer state (AdamW, 2 fp32 values per parameter)")
     assert ppm["activations"].bytes_per_device == 2 * train["activations"].bytes_per_device  # pos and neg rows
     text = format_plan("policy SFT", items, mesh, device_memory_gib=80)
     assert text.startswith("policy SFT: per device on a mesh of 8 devices (data=2, fsdp=2, tensor=2)")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rstar_jax.models import positions_from_mask
-from tests.train_fixtures import CharTokenizer, make_trainer, pair_records, sft_records
+from tests.train_fixtures import CFG, CharTokenizer, make_trainer, pair_records, sft_records
 
 
 def _params(state):
@@ -89,6 +89,28 @@ def test_value_head_dropout_is_a_function_of_seed_and_step():
     np.testing.assert_array_equal(params_after_two_steps(0.5), with_dropout)
     assert not np.allclose(params_after_two_steps(0.0), with_dropout, atol=1e-6)
     assert not np.allclose(params_after_two_steps(0.5, microbatches=2), with_dropout, atol=1e-6)
+
+
+EMBED = "['backbone']['embed'].value"
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (1, 2, 2)])
+def test_untied_ppm_leaves_its_inherited_lm_head_untrained_and_out_of_the_state(mesh_shape):
+    # The value head replaces the LM head: an untied one is never read, so it gets no fp32 copy, gradient
+    # or AdamW state (2.2 GB of each for Qwen2.5-Math-7B), and the export keeps it exactly as loaded.
+    trainer, it = make_trainer("ppm", records=pair_records(), steps=2, cfg=CFG.replace(tie_embeddings=False),
+                               mesh_shape=mesh_shape)  # AdamW's decay would shrink even a zero-gradient head
+    state = trainer.init_state()
+    loaded = _params(state)  # a host copy: the step donates `state`
+    head = np.asarray(trainer.model(state).backbone.lm_head[...])
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, trainer.place_batch(next(it)[0]))
+    keys = lambda tree: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert not [k for k in keys(state.params) + keys(state.opt_state) if "lm_head" in k]
+    assert any("embed" in k for k in keys(state.opt_state))
+    np.testing.assert_array_equal(np.asarray(trainer.model(state).backbone.lm_head[...]), head)
+    trained = _params(state)
+    assert np.isfinite(metrics["loss"]) and not np.allclose(trained[EMBED], loaded[EMBED])
 
 
 def _greedy(model, prompt, n):

@@ -43,8 +43,9 @@ def write_jsonl(path, rows) -> str:
 
 
 def make_trainer(task_name="sft", *, mesh_shape=(1, 1, 1), devices=None, records=None, batch_size=8,
-                 microbatches=1, steps=10, lr=3e-3, seed=0, max_len=32, buckets=(16, 32), task_kw=None, **train_kw):
-    """(trainer, iterator) on the tiny model over `records` (default: 8 SFT records)."""
+                 microbatches=1, steps=10, lr=3e-3, seed=0, max_len=32, buckets=(16, 32), task_kw=None, cfg=CFG,
+                 **train_kw):
+    """(trainer, iterator) on the tiny model (or `cfg`) over `records` (default: 8 SFT records)."""
     import jax
     task = TASKS[task_name](CharTokenizer(), max_len, **(task_kw or {}))
     examples, _ = task.tokenize(records if records is not None else sft_records())
@@ -52,7 +53,7 @@ def make_trainer(task_name="sft", *, mesh_shape=(1, 1, 1), devices=None, records
     iterator = BatchIterator(examples, task, data_cfg)
     n = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
     mesh = parallel.make_mesh(parallel.MeshConfig(*mesh_shape), devices=devices or jax.devices()[:n])
-    model = (PPM if task.is_reward_model else Qwen2)(CFG, rngs=nnx.Rngs(seed))
+    model = (PPM if task.is_reward_model else Qwen2)(cfg, rngs=nnx.Rngs(seed))
     trainer = Trainer(task, model, OptimConfig(learning_rate=lr, warmup_steps=2),
                       TrainConfig(max_steps=steps, seed=seed, **train_kw), mesh, steps)
     return trainer, iterator

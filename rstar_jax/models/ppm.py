@@ -11,6 +11,10 @@ from rstar_jax.models.qwen2 import Qwen2, positions_from_mask
 # rStar serves tanh(raw / 5): raw scores train unbounded, search sees [-1, 1].
 DEFAULT_SCORE_SCALE = 5.0
 
+# The value head replaces the policy's LM head, so an untied head the PPM inherits is never read. It is kept
+# (an export stays a complete Qwen2ForCausalLM checkpoint) but not trained: no fp32 copy, gradient or AdamW state.
+UNUSED_BY_SCORE = nnx.PathContains("lm_head")
+
 
 class ValueHead(nnx.Module):
     """Linear(hidden -> 1) with bias, in fp32 (the reference's `v_head.summary`)."""

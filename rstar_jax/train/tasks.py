@@ -15,9 +15,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rstar_jax.models.config import ModelConfig
-from rstar_jax.models.ppm import search_score
+from rstar_jax.models.ppm import UNUSED_BY_SCORE, search_score
 from rstar_jax.models.qwen2 import positions_from_mask
 from rstar_jax.train import losses
 from rstar_jax.train.records import Record, RecordError
@@ -74,6 +75,7 @@ class Task:
 
     kind: ClassVar[str]  # the record kind it reads (records.KINDS)
     is_reward_model: ClassVar[bool]
+    frozen: ClassVar = nnx.Nothing  # parameters the loss never reads: kept as loaded, not trained
 
     def __init__(self, tokenizer, max_len: int, overlength: str = "error", pad_id: int | None = None):
         if overlength not in OVERLENGTH_POLICIES:
@@ -175,6 +177,7 @@ class _ScoreTask(Task):
     """Reward models: a PPM-shaped model scores each sequence at its last real token."""
 
     is_reward_model = True
+    frozen = UNUSED_BY_SCORE
 
     def __init__(self, *args, head_dropout: float = 0.0, **kwargs):
         """head_dropout: dropout rate on the value head's input in training (the reference: 0.1)."""

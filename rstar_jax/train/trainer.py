@@ -5,7 +5,8 @@ compute dtype inside the step), every array sharded by its `logical_axes` throug
 `parallel.state_shardings`, the Adam moments like their parameters. The step is one `jax.jit` with
 explicit in/out shardings: the batch [microbatches, rows, ...] is split over data x fsdp, microbatches
 run sequentially in a `lax.scan` that sums gradients (gradient accumulation), and the summed loss is
-divided by the whole batch's normaliser, so any split gives the full batch's gradient.
+divided by the whole batch's normaliser, so any split gives the full batch's gradient. Parameters the
+task's loss never reads (`Task.frozen`: a PPM's inherited untied LM head) stay outside the state, as loaded.
 """
 from __future__ import annotations
 
@@ -93,10 +94,11 @@ class Trainer:
         self.task, self.cfg, self.mesh, self.total_steps = task, cfg, mesh, total_steps
         self.model_config = model.config
         parallel.check_tensor_parallel(mesh, self.model_config.num_kv_heads)
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.graphdef, frozen, params, rest = nnx.split(model, task.frozen, nnx.Param, ...)
         if jax.tree.leaves(rest):
             raise ValueError(f"the model has non-parameter state the trainer does not carry: {rest}")
         self._rest = rest
+        self._frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))  # an argument of each step
         self.tx, self.schedule = make_optimizer(optim, total_steps)
         # fp32 master copy, whatever dtype the model was built or loaded in.
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
@@ -143,38 +145,38 @@ class Trainer:
         """The model with the state's parameters (cast to `dtype`, default the model config's)."""
         dt = jnp.dtype(dtype or self.model_config.dtype)
         params = jax.tree_util.tree_map_with_path(lambda p, x: x if _is_head(p) else x.astype(dt), state.params)
-        return nnx.merge(self.graphdef, params, self._rest)
+        return nnx.merge(self.graphdef, jax.tree.map(lambda x: x.astype(dt), self._frozen), params, self._rest)
 
     # ------------------------------------------------------------------------------------------- step
 
-    def _forward_model(self, params):
+    def _forward_model(self, params, frozen):
         dt = jnp.dtype(self.cfg.compute_dtype)
         params = jax.tree_util.tree_map_with_path(lambda p, x: x if _is_head(p) else x.astype(dt), params)
-        model = nnx.merge(self.graphdef, params, self._rest)
+        model = nnx.merge(self.graphdef, frozen, params, self._rest)
         if self.cfg.remat:
             layers = _backbone(model).layers
             for i in range(len(layers)):
                 layers[i] = _RematLayer(layers[i])
         return model
 
-    def _micro_loss(self, params, micro, norm, key):
-        loss_sum, metrics = self.task.loss_sums(self._forward_model(params), micro, key)
+    def _micro_loss(self, params, frozen, micro, norm, key):
+        loss_sum, metrics = self.task.loss_sums(self._forward_model(params, frozen), micro, key)
         return loss_sum / norm, metrics
 
-    def _train_step(self, state: TrainState, batch: dict):
+    def _train_step(self, state: TrainState, frozen: nnx.State, batch: dict):
         norm = jnp.maximum(self.task.normalizer(batch), 1e-6)  # a batch with no targets gives zero grads
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
         a = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(jax.random.key(self.cfg.seed), state.step), a)  # [A]
         if a == 1:
-            (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), norm, keys[0])
+            (loss, metrics), grads = grad_fn(state.params, frozen, jax.tree.map(lambda x: x[0], batch), norm, keys[0])
         else:
             def body(carry, xs):
                 micro, key = xs
-                (loss, metrics), grads = grad_fn(state.params, micro, norm, key)
+                (loss, metrics), grads = grad_fn(state.params, frozen, micro, norm, key)
                 return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
             first = jax.tree.map(lambda x: x[0], batch)
-            zeros = jax.eval_shape(lambda: grad_fn(state.params, first, norm, keys[0]))
+            zeros = jax.eval_shape(lambda: grad_fn(state.params, frozen, first, norm, keys[0]))
             init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1]))
             (loss, metrics, grads), _ = jax.lax.scan(body, init, (batch, keys))
         grad_norm = optax.tree.norm(grads)
@@ -184,10 +186,10 @@ class Trainer:
         out.update({k: num / jnp.maximum(den, 1.0) for k, (num, den) in metrics.items()})
         return TrainState(params, opt_state, state.step + 1), out
 
-    def _eval_step(self, params, batch):
+    def _eval_step(self, params, frozen, batch):
         norm = self.task.normalizer(batch)
         sums = jax.tree.map(lambda x: x[0], batch)  # eval batches have one microbatch
-        loss_sum, metrics = self.task.loss_sums(self._forward_model(params), sums)
+        loss_sum, metrics = self.task.loss_sums(self._forward_model(params, frozen), sums)
         return {"loss_sum": loss_sum, "norm": norm, **{k: v for k, v in metrics.items()}}
 
     def _shardings_for(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
@@ -214,7 +216,7 @@ class Trainer:
         batch = {k: v if isinstance(v, jax.Array) and v.sharding == shardings[k] else jax.device_put(v, shardings[k])
                  for k, v in batch.items()}
         with jax.set_mesh(self.mesh):
-            return self._jit_step(state, batch)
+            return self._jit_step(state, self._frozen, batch)
 
     def evaluate(self, state: TrainState, batches) -> dict[str, float]:
         """Mean loss and metrics over host-local batches (each [1, rows, ...])."""
@@ -224,7 +226,7 @@ class Trainer:
         sums: dict[str, np.ndarray] = {}
         for local, _ in batches:
             with jax.set_mesh(self.mesh):
-                out = jax.device_get(self._jit_eval(state.params, self.place_batch(local)))
+                out = jax.device_get(self._jit_eval(state.params, self._frozen, self.place_batch(local)))
             loss_sum, norm = loss_sum + float(out.pop("loss_sum")), norm + float(out.pop("norm"))
             for k, (num, den) in out.items():
                 prev = sums.get(k, (0.0, 0.0))
