@@ -9,7 +9,8 @@ abstract sharded model (`nnx.eval_shape`) and optimizer state (`jax.eval_shape`)
 - training: fp32 master parameters, AdamW moments, fp32 gradients (a reward model's inherited untied LM head
   is none of these: it is kept in the model's dtype, untrained), and activations of one microbatch:
   an estimate after Korthikanti et al. 2022 (per layer and token 17 hidden-size values plus 2.5 attention
-  scores per head and key, in the compute dtype; per-layer inputs only with remat), plus fp32 logits.
+  scores per head and key, in the compute dtype; per-layer inputs only with remat), plus fp32 logits
+  (one chunk's with a chunked loss).
 
 Parameters, optimizer state and the cache are exact for the shardings the trainer and sampler use
 (`rstar_jax.parallel` rules); activations are an estimate, good to a small factor.
@@ -75,8 +76,8 @@ def search_memory(model_config, mesh, *, trees: int, num_candidates: int, max_co
 
 
 def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: int = 1,
-                    compute_dtype: str = "bfloat16", remat: bool = False, optim=None, reward_model: bool = False,
-                    stage: str = "training") -> list[MemoryItem]:
+                    compute_dtype: str = "bfloat16", remat: bool = False, loss_chunk: int = 0, optim=None,
+                    reward_model: bool = False, stage: str = "training") -> list[MemoryItem]:
     """fp32 master parameters, AdamW state, fp32 gradients, and one microbatch's activations and (policy)
     logits. A reward model's example is a pair: two sequences per row, a value head instead of logits."""
     import jax
@@ -108,7 +109,9 @@ def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: i
     layer_inputs = tokens * cfg.hidden_size * act_bytes
     activations = cfg.num_layers * layer_inputs + per_layer if remat else cfg.num_layers * per_layer
     vocab_ways = tp if cfg.vocab_size % tp == 0 else 1
-    logits = 2 * tokens * cfg.vocab_size * 4 / vocab_ways  # fp32 logits and their gradient
+    chunked = 0 < loss_chunk < seq
+    logit_rows = rows * (loss_chunk if chunked else seq)
+    logits = 2 * logit_rows * cfg.vocab_size * 4 / vocab_ways  # fp32 logits and their gradient
     items = [
         MemoryItem(stage, "master parameters (fp32)", master),
         MemoryItem(stage, f"optimizer state (AdamW, {copies} fp32 values per parameter)", copies * master + scalars),
@@ -117,7 +120,9 @@ def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: i
                           "(estimate)", round(activations), exact=False),
     ]
     if not reward_model:
-        items.append(MemoryItem(stage, f"logits and their gradient (fp32, vocab {cfg.vocab_size})", round(logits)))
+        chunk = f", one chunk of {loss_chunk} positions" if chunked else ""
+        items.append(MemoryItem(stage, f"logits and their gradient (fp32, vocab {cfg.vocab_size}{chunk})",
+                                round(logits)))
     if kept:
         items.append(MemoryItem(stage, f"the policy's untied LM head, kept untrained ({cfg.dtype})", kept))
     return items

@@ -33,11 +33,12 @@ from rstar_jax.search.config import SearchConfig
 FLAGS = flags.FLAGS
 REWARD_MODELS = ("ppm", "pqm", "orm")
 ROUNDS_SCHEMA = "rstar_jax.rounds/1"
-# Flags that do not change results: they may differ between invocations on one run directory.
+# Flags that do not change results: they may differ between invocations on one run directory (the memory
+# savers too, so a stage that ran out of memory can be resumed with them).
 _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every", "sft_profile_start",
                "ppm_profile_start", "sft_profile_steps", "ppm_profile_steps", "search_profile_start",
                "search_profile_iterations", "profile", "dry_run", "dry_run_devices", "device_memory_gib", "model_preset",
-               "search_mesh")
+               "search_mesh", "sft_remat", "ppm_remat", "sft_loss_chunk")
 
 
 def define_flags() -> None:
@@ -401,7 +402,7 @@ def dry_run() -> str:
         mesh = dr.mesh_over(tuple(int(v) for v in t.mesh), count)
         parts.append(dr.format_plan(f"{name} (batch {t.batch_size} x {t.max_len} tokens)", dr.training_memory(
             cfg, mesh, batch=t.batch_size, seq=t.max_len, microbatches=t.microbatches, compute_dtype=t.compute_dtype,
-            remat=t.remat, reward_model=prefix == "ppm_", stage=name), mesh, gib))
+            remat=t.remat, loss_chunk=t.loss_chunk, reward_model=prefix == "ppm_", stage=name), mesh, gib))
     return "\n".join(parts)
 
 

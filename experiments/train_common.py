@@ -19,11 +19,12 @@ from experiments import multihost
 from rstar_jax.models.config import ATTENTION_IMPLS
 
 def _field(default, help_text: str, kind: str | None = None, choices: Sequence[str] | None = None,
-           reward_only: bool = False, check: tuple[Callable, str] | None = None):
+           reward_only: bool = False, policy_only: bool = False, check: tuple[Callable, str] | None = None):
     """check: (predicate, what a value must be), validated when the flags are parsed."""
     kind = kind or {bool: "bool", int: "integer", float: "float", str: "string", tuple: "list"}[type(default)]
     return dataclasses.field(default=default, metadata={"help": help_text, "kind": kind, "choices": choices,
-                                                        "reward_only": reward_only, "check": check})
+                                                        "reward_only": reward_only, "policy_only": policy_only,
+                                                        "check": check})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,9 @@ class TrainStageConfig:
     head_dropout: float = _field(0.1, "dropout on the value head's input in training (the reference's 0.1)",
                                  reward_only=True, check=(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
     remat: bool = _field(False, "recompute each decoder layer in the backward pass (saves memory)")
+    loss_chunk: int = _field(0, "positions per pass through the LM head, its logits recomputed in the backward "
+                             "pass, so the [batch, seq, vocab] logits are never held whole (0: all at once)",
+                             policy_only=True, check=(lambda v: v >= 0, ">= 0"))
     mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)")
     seed: int = _field(0, "data order and fresh-init seed")
     length_buckets: tuple = _field((), "padded lengths (default: powers of two from 64, and --max_len)")
@@ -76,12 +80,13 @@ class TrainStageConfig:
 
 
 def define_flags(prefix: str = "", reward: bool = True) -> None:
-    """Defines the stage's flags (`--<prefix><field>`; reward=False: without the reward-model-only ones).
+    """Defines the stage's flags (`--<prefix><field>`; the reward-model-only ones with reward=True, the
+    policy-only ones with reward=False).
     Called by the programs' main only, so that modules importing each other never define a flag twice;
     `experiments.round` uses prefixes `sft_` and `ppm_`."""
     for field in dataclasses.fields(TrainStageConfig):
         name, meta = prefix + field.name, field.metadata
-        if meta["reward_only"] and not reward:
+        if (meta["reward_only"] and not reward) or (meta["policy_only"] and reward):
             continue
         if meta["kind"] == "enum":
             flags.DEFINE_enum(name, field.default, meta["choices"], meta["help"])
@@ -96,7 +101,7 @@ def define_flags(prefix: str = "", reward: bool = True) -> None:
 def config_from_flags(prefix: str = "", **overrides) -> TrainStageConfig:
     values = {}
     for field in dataclasses.fields(TrainStageConfig):
-        if prefix + field.name not in flags.FLAGS:  # a reward-model-only setting of an SFT stage
+        if prefix + field.name not in flags.FLAGS:  # e.g. a reward-model-only setting of an SFT stage
             continue
         value = flags.FLAGS[prefix + field.name].value
         values[field.name] = tuple(value or ()) if field.metadata["kind"] == "list" else value
@@ -165,7 +170,8 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     task_cls = TASKS[task_name]
     task = task_cls(tokenizer, cfg.max_len, cfg.overlength,
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                    **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else {}))
+                    **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else
+                       {"loss_chunk": cfg.loss_chunk}))
     records = read_records(task_cls.kind, train_files)
     holdout = cfg.holdout_fraction
     if holdout is None:  # the default: a reward model's accuracy on 5%, when that is at least one record

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("round", ["run_dir", "rollouts", "num_candidates", "sft_learning_rate", "ppm_epochs", "coordinator_address"]),
     ("search", ["problems", "rollouts", "min_edit_distance", "coordinator_address"]),
     ("evaluate", ["methods", "num_candidates", "temperature"]),
-    ("sft", ["learning_rate", "train_records", "mesh"]),
+    ("sft", ["learning_rate", "train_records", "mesh", "loss_chunk"]),
     ("train_rm", ["task", "head_dropout", "learning_rate"]),
     ("expand", ["coordinator_address"]),
 ])

@@ -42,6 +42,9 @@ def test_7b_on_eight_devices_shards_weights_over_fsdp_and_tensor():
     assert not train["activations"].exact
     remat = _by_name(training_memory(cfg, mesh, **TRAIN, remat=True))
     assert remat["activations"].bytes_per_device < train["activations"].bytes_per_device / 4
+    chunked = _by_name(training_memory(cfg, mesh, **TRAIN, loss_chunk=512))  # 512 of 4096 positions at a time
+    logits = "logits and their gradient"
+    assert chunked[logits].bytes_per_device == train[logits].bytes_per_device / 8
     ppm = _by_name(training_memory(cfg, mesh, **TRAIN, reward_model=True))
     assert "logits and their gradient" not in ppm  # a value head, no vocabulary logits
     # 7B's untied LM head is kept in bf16 but not trained: no fp32 copy, gradient or AdamW moments of it.

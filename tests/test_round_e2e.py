@@ -46,7 +46,7 @@ def _flags(root) -> list[str]:
             f"--base_model={root / 'base' / 'hf'}", "--rollouts=2", "--num_candidates=3", "--max_depth=6",
             "--max_step_tokens=48", "--max_context_tokens=512", "--exec_timeout_s=10", "--min_edit_distance=0",
             "--sft_max_len=256", "--sft_batch_size=8", "--sft_epochs=1", "--sft_learning_rate=1e-4",
-            "--ppm_max_len=256", "--ppm_batch_size=8", "--ppm_epochs=1", "--ppm_learning_rate=1e-3",
+            "--sft_loss_chunk=64", "--ppm_max_len=256", "--ppm_batch_size=8", "--ppm_epochs=1", "--ppm_learning_rate=1e-3",
             "--eval_methods=greedy", "--progress_every_s=600"]
 
 

@@ -62,12 +62,14 @@ def test_sharded_step_equals_unsharded(mesh_shape):
         np.testing.assert_allclose(p8[k], p1[k], atol=2e-6, err_msg=k)
 
 
-def test_gradient_accumulation_and_remat_are_exact():
+def test_gradient_accumulation_remat_and_a_chunked_lm_loss_are_exact():
     _, m1, p1 = _one_step()
     _, m2, p2 = _one_step(microbatches=4, remat=True)
-    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
-    for k in p1:
-        np.testing.assert_allclose(p2[k], p1[k], atol=2e-6, err_msg=k)
+    _, m3, p3 = _one_step(task_kw={"loss_chunk": 5}, mesh_shape=(1, 2, 2))  # 16 or 32 positions: padded chunks
+    for m, p in ((m2, p2), (m3, p3)):
+        np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
+        for k in p1:
+            np.testing.assert_allclose(p[k], p1[k], atol=2e-6, err_msg=k)
 
 
 def test_bf16_compute_keeps_fp32_master_params():

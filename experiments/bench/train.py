@@ -25,6 +25,7 @@ flags.DEFINE_integer("batch", 4, "rows per step")
 flags.DEFINE_integer("seq_len", 256, "tokens per row")
 flags.DEFINE_integer("steps", 5, "timed steps (after 2 untimed warm-up steps)")
 flags.DEFINE_bool("remat", False, "our step with per-layer rematerialisation")
+flags.DEFINE_integer("loss_chunk", 0, "our LM head and loss this many positions at a time (0: all at once)")
 flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_string("preset", "", "model shapes of this preset (rstar_jax.models.config.PRESETS); default: ~48M")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both steps")
@@ -32,7 +33,7 @@ flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product", "cudnn"], "our
 FLAGS = flags.FLAGS
 
 
-def run_ours(cfg, tokens, steps: int, remat: bool):
+def run_ours(cfg, tokens, steps: int, remat: bool, loss_chunk: int = 0):
     import jax
     import numpy as np
     from flax import nnx
@@ -44,7 +45,7 @@ def run_ours(cfg, tokens, steps: int, remat: bool):
     from rstar_jax.train.trainer import Trainer, TrainConfig
 
     mesh = parallel.make_mesh(parallel.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    task = SFTTask(None, tokens.shape[1], eos_id=0)
+    task = SFTTask(None, tokens.shape[1], eos_id=0, loss_chunk=loss_chunk)
     model = Qwen2(cfg.replace(dtype="float32"), rngs=nnx.Rngs(FLAGS.seed))  # fp32 master weights
     optim = OptimConfig(learning_rate=1e-5, schedule="constant", weight_decay=0.1, max_grad_norm=1.0)
     train_cfg = TrainConfig(max_steps=steps + 2, remat=remat, compute_dtype=cfg.dtype)
@@ -110,12 +111,13 @@ def main(argv):
     peak = measure_peak_flops(cfg.dtype, size=size, reps=10)
     print(f"machine: matmul peak {peak / 1e9:.1f} GFLOP/s ({cfg.dtype} {size}x{size}, best of 10)", flush=True)
 
-    ours_s, ours_loss, warm, task = run_ours(cfg, tokens, FLAGS.steps, FLAGS.remat)
+    ours_s, ours_loss, warm, task = run_ours(cfg, tokens, FLAGS.steps, FLAGS.remat, FLAGS.loss_chunk)
     flops = task.flops_per_token(cfg, t) * b * t  # per step
     ours_tps = b * t / ours_s
     print(f"ours: {ours_s * 1e3:.0f} ms/step = {ours_tps:.1f} tokens/s, {flops / ours_s / 1e9:.1f} GFLOP/s = "
           f"{flops / ours_s / peak:.0%} of matmul peak (loss {ours_loss:.3f}; compile + 2 warm-up steps "
-          f"{warm:.1f} s{', remat' if FLAGS.remat else ''})", flush=True)
+          f"{warm:.1f} s{', remat' if FLAGS.remat else ''}"
+          f"{f', loss in chunks of {FLAGS.loss_chunk}' if FLAGS.loss_chunk else ''})", flush=True)
     hf_s, hf_loss = run_hf(cfg, tokens, FLAGS.steps, device)
     hf_tps = b * t / hf_s
     print(f"hf:   {hf_s * 1e3:.0f} ms/step = {hf_tps:.1f} tokens/s, {flops / hf_s / 1e9:.1f} GFLOP/s = "

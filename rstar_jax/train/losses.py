@@ -6,8 +6,29 @@ exactly the full batch's loss, whatever the split.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+
+def _shifted_targets(tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(targets, weights) [B, T]: position t predicts token t+1; the last column is a dummy of weight 0.
+
+    The targets are shifted rather than the logits sliced: a slice of [B, T, V] logits is a full copy (and
+    its gradient a pad).
+    """
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    return targets, weights
+
+
+def _nll_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Sum of weighted NLL. logits [..., V]; targets, weights [...]."""
+    logits = logits.astype(jnp.float32)
+    # logsumexp minus the target logit: no [..., V] log-softmax tensor is kept for the backward pass.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * weights)
 
 
 def masked_lm_sums(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -16,15 +37,34 @@ def masked_lm_sums(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -
     logits: [B, T, V] for inputs tokens[:, :T]; tokens: [B, T]; loss_mask: [B, T] (1 where tokens[:, t]
     is a target, i.e. a response token).
     """
-    # Position t predicts token t+1. The targets are shifted rather than the logits sliced: a slice of
-    # [B, T, V] logits is a full copy (and its gradient a pad), while the last column just gets weight 0.
-    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # [B, T]; last column a dummy
-    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
-    logits = logits.astype(jnp.float32)  # [B, T, V]
-    # logsumexp minus the target logit: no [B, T, V] log-softmax tensor is kept for the backward pass.
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T]
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    targets, weights = _shifted_targets(tokens, loss_mask)
+    return _nll_sum(logits, targets, weights), jnp.sum(weights)
+
+
+def chunked_lm_sums(hidden: jax.Array, lm_head: Callable[[jax.Array], jax.Array], tokens: jax.Array,
+                    loss_mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`masked_lm_sums(lm_head(hidden), ...)` without ever holding the [B, T, V] logits.
+
+    The positions go through the LM head `chunk` at a time (T padded to a multiple), and the backward pass
+    recomputes each chunk's logits, so only one chunk's [B, chunk, V] logits are live: for a 152k
+    vocabulary they are the largest tensors of a step. hidden: [B, T, D]; lm_head: [N, D] -> [N, V].
+    """
+    b, t, d = hidden.shape
+    targets, weights = _shifted_targets(tokens, loss_mask)
+    pad = -t % chunk
+    n = (t + pad) // chunk
+
+    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]: the batch axis (and its sharding) stays put
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sum(h, tgt, w):  # [B, chunk, D], [B, chunk], [B, chunk]
+        return _nll_sum(lm_head(h.reshape(b * chunk, d)).reshape(b, chunk, -1), tgt, w)
+
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_sum(*xs), None), jnp.zeros((), jnp.float32),
+                            (split(hidden), split(targets), split(weights)))
+    return total, jnp.sum(weights)
 
 
 def masked_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
