@@ -2,6 +2,7 @@
 
   python -m experiments.bench.train                 # batch 4 x 256 tokens, 5 timed steps each
   python -m experiments.bench.train --batch=8 --seq_len=512 --steps=3
+  python -m experiments.bench.train --loss_chunk=128  # our loss 128 positions at a time (logits recomputed)
   python -m experiments.bench.train --preset=qwen2.5-0.5b --dtype=bfloat16 --batch=8 --seq_len=2048  # GPU
 
 Same ~48M-parameter Qwen2-shaped model (random weights; `--preset` for real shapes), same batch of
