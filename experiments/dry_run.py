@@ -3,9 +3,9 @@
 `experiments.round --dry_run` builds the configs and a mesh of fake CPU devices of the target count, the
 abstract sharded model (`nnx.eval_shape`) and optimizer state (`jax.eval_shape`), and prints per device:
 
-- search: the policy's parameters in its dtype (and the PPM's when the search scores with one), the KV cache
-  of one lock-step expansion (the shared prompt prefix of every tree in the batch at the context limit, plus
-  each candidate's own step slots), and one decode step's fp32 logits;
+- search: the policy's parameters in its dtype (and the PPM's, without an untied LM head, when the search
+  scores with one), the KV cache of one lock-step expansion (the shared prompt prefix of every tree in the
+  batch at the context limit, plus each candidate's own step slots), and one decode step's fp32 logits;
 - training: fp32 master parameters, AdamW moments, fp32 gradients (a reward model's inherited untied LM head
   is none of these: it is kept in the model's dtype, untrained), and activations of one microbatch:
   an estimate after Korthikanti et al. 2022 (per layer and token 17 hidden-size values plus 2.5 attention
@@ -59,7 +59,7 @@ def search_memory(model_config, mesh, *, trees: int, num_candidates: int, max_co
     cfg = model_config
     with jax.set_mesh(mesh):
         policy = _sharded_bytes(_abstract_params(cfg), mesh, cfg.jnp_dtype.itemsize)
-        ppm = _sharded_bytes(_abstract_params(cfg, ppm=True), mesh, cfg.jnp_dtype.itemsize) if with_ppm else 0
+        ppm = _sharded_bytes(_scoring_params(cfg), mesh, cfg.jnp_dtype.itemsize) if with_ppm else 0
     tp = mesh.shape["tensor"]
     kv_heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
     slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize  # K and V of one token
@@ -67,7 +67,8 @@ def search_memory(model_config, mesh, *, trees: int, num_candidates: int, max_co
     cache = slot * per_device * (max_context_tokens + num_candidates * max_step_tokens)
     items = [MemoryItem("search", f"policy parameters ({cfg.dtype})", policy)]
     if with_ppm:
-        items.append(MemoryItem("search", f"PPM parameters ({cfg.dtype}; the policy's model and a value head)", ppm))
+        items.append(MemoryItem("search", f"PPM parameters ({cfg.dtype}; the policy's backbone and a value head)",
+                                ppm))
     return items + [
         MemoryItem("search", f"KV cache: {per_device} trees x ({max_context_tokens} context + {num_candidates} x "
                              f"{max_step_tokens} step) slots", cache),
@@ -133,6 +134,14 @@ def _abstract_params(cfg, ppm: bool = False):
 
     from rstar_jax.models import PPM, Qwen2
     return nnx.state(nnx.eval_shape(lambda: (PPM if ppm else Qwen2)(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def _scoring_params(cfg):
+    """A PPM's parameters as search loads it: without an untied LM head (`load_hf(lm_head=False)`)."""
+    from flax import nnx
+
+    from rstar_jax.models.ppm import UNUSED_BY_SCORE
+    return nnx.split_state(_abstract_params(cfg, ppm=True), UNUSED_BY_SCORE, ...)[1]
 
 
 def format_plan(stage: str, items: list[MemoryItem], mesh, device_memory_gib: float | None = None) -> str:

@@ -206,6 +206,15 @@ def test_ppm_export_reload_gives_same_scores(ppm):
     np.testing.assert_array_equal(_scores(loaded), _scores(model))
 
 
+def test_ppm_for_scoring_leaves_the_untied_lm_head_out(ppm):
+    model, hf_dir = ppm  # CFG is untied
+    scoring = load_hf(hf_dir, ppm=True, lm_head=False)
+    assert not hasattr(scoring.backbone, "lm_head") and "lm_head" not in str(_params(scoring).keys())
+    np.testing.assert_array_equal(_scores(scoring), _scores(model))
+    with pytest.raises(ValueError, match="only apply with ppm=True"):
+        load_hf(hf_dir, lm_head=False)
+
+
 def test_ppm_checkpoint_as_policy_is_refused_with_a_hint(ppm):
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'v_head.summary.weight' \(1, 32\)(.|\n)*ppm=True"):
         load_hf(ppm[1])

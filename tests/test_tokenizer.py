@@ -236,6 +236,11 @@ def test_sync_model_vocab_never_shrinks_and_pads(bpe_dir):
     tk.sync_model_vocab(ppm, tok, nnx.Rngs(1), pad_to_multiple_of=64)
     assert ppm.config.vocab_size % 64 == 0 and ppm.config.vocab_size >= len(tok)
 
+    scoring = PPM(_tiny_config(len(plain), False), rngs=nnx.Rngs(0))
+    del scoring.backbone.lm_head  # an untied PPM as search loads it (load_hf(lm_head=False))
+    tk.sync_model_vocab(scoring, tok, nnx.Rngs(1))
+    assert scoring.backbone.embed.shape == (len(tok), 16) and not hasattr(scoring.backbone, "lm_head")
+
 
 def test_spm_tokenizer_exported_with_a_qwen2_model_keeps_its_ids(spm_dir, tmp_path):
     """A model export writes config.json (model_type qwen2) beside the tokenizer; ids must not change."""

@@ -207,12 +207,14 @@ def _fresh_value_head(hidden_size: int) -> dict[str, np.ndarray]:
     return {f"v_head.{k}": np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(head)).items()}
 
 
-def _plan(pure_abs, reader: SafetensorsReader, cfg: ModelConfig, init_missing_value_head: bool) -> _Plan:
-    """Checks every tensor against the abstract model from headers only; raises listing all problems."""
+def _plan(pure_abs, reader: SafetensorsReader, cfg: ModelConfig, init_missing_value_head: bool,
+          skip: frozenset[str] = frozenset()) -> _Plan:
+    """Checks every tensor against the abstract model from headers only; raises listing all problems.
+    `skip`: HF keys the model leaves out on purpose (not unexpected)."""
     problems, hints = [], []
     keys, missing = _match_params(pure_abs, reader, problems)
     fresh = _value_head_source(missing, init_missing_value_head, cfg, reader.hf_dir, problems, hints)
-    _check_unexpected(reader, {k for k, _ in keys.values()}, cfg, problems, hints)
+    _check_unexpected(reader, {k for k, _ in keys.values()} | skip, cfg, problems, hints)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointError(f"{reader.hf_dir}: checkpoint does not match the model ({len(problems)} problems):\n  - "
@@ -307,7 +309,7 @@ def _lookup(tree, key_path):
 
 
 def load_state_into(abstract_model: nnx.Module, hf_dir: str, mesh: jax.sharding.Mesh | None = None, *,
-                    init_missing_value_head: bool = False) -> nnx.Module:
+                    init_missing_value_head: bool = False, skip: frozenset[str] = frozenset()) -> nnx.Module:
     """Fills an abstract (`nnx.eval_shape`) model from an HF directory; every key must match exactly.
 
     With `mesh`, parameters get `parallel.state_shardings` and each device's shard is read on its own.
@@ -317,7 +319,7 @@ def load_state_into(abstract_model: nnx.Module, hf_dir: str, mesh: jax.sharding.
     pure_abs = nnx.to_pure_dict(abs_state)
     pure_shardings = nnx.to_pure_dict(parallel.state_shardings(abs_state, mesh)) if mesh is not None else None
     reader = SafetensorsReader(hf_dir)
-    plan = _plan(pure_abs, reader, cfg, init_missing_value_head)
+    plan = _plan(pure_abs, reader, cfg, init_missing_value_head, skip)
 
     def load(key_path, abstract):
         path = _dotted(key_path)
@@ -337,22 +339,28 @@ def load_state_into(abstract_model: nnx.Module, hf_dir: str, mesh: jax.sharding.
 
 
 def load_hf(hf_dir: str, *, ppm: bool = False, mesh: jax.sharding.Mesh | None = None,
-            init_missing_value_head: bool = False, **config_overrides) -> Qwen2 | PPM:
+            init_missing_value_head: bool = False, lm_head: bool = True, **config_overrides) -> Qwen2 | PPM:
     """An HF Qwen2 directory -> our policy (`Qwen2`) or, with `ppm=True`, our `PPM`.
 
     `init_missing_value_head=True` (PPM only) starts the value head fresh when the directory has none,
-    as round 1 does when it builds the PPM from a policy checkpoint. `config_overrides` replace
-    `ModelConfig` fields, e.g. `dtype="float32"` or `attention_impl="dot_product"`.
+    as round 1 does when it builds the PPM from a policy checkpoint. `lm_head=False` (PPM only) leaves an
+    untied LM head out, for scoring, which never reads it (the model then has no `logits`, and an export of
+    it no LM head). `config_overrides` replace `ModelConfig` fields, e.g. `dtype="float32"` or
+    `attention_impl="dot_product"`.
     """
-    if init_missing_value_head and not ppm:
-        raise ValueError("init_missing_value_head=True only applies with ppm=True")
+    if (init_missing_value_head or not lm_head) and not ppm:
+        raise ValueError("init_missing_value_head=True and lm_head=False only apply with ppm=True")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir}: no config.json (not an HF model directory)")
     cfg = from_hf_config(hf_dir, **config_overrides)
     if mesh is not None:
         parallel.check_tensor_parallel(mesh, cfg.num_kv_heads)
     build = (lambda: PPM(cfg, rngs=nnx.Rngs(0))) if ppm else (lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-    return load_state_into(nnx.eval_shape(build), hf_dir, mesh, init_missing_value_head=init_missing_value_head)
+    abstract, skip = nnx.eval_shape(build), frozenset()
+    if not lm_head and not cfg.tie_embeddings:
+        del abstract.backbone.lm_head
+        skip = frozenset({"lm_head.weight"})
+    return load_state_into(abstract, hf_dir, mesh, init_missing_value_head=init_missing_value_head, skip=skip)
 
 
 def _to_numpy(x: jax.Array) -> np.ndarray:

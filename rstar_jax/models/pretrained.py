@@ -18,8 +18,9 @@ def load_policy(hf_dir: str | os.PathLike, mesh=None):
 
 
 def load_reward_model(hf_dir: str | os.PathLike, mesh=None):
-    """(tokenizer, PPM): a PPM, PQM or ORM directory (the backbone plus `v_head.summary.*`)."""
+    """(tokenizer, PPM) for scoring: a PPM, PQM or ORM directory (the backbone plus `v_head.summary.*`);
+    an untied LM head, which a score never reads, is not loaded."""
     tokenizer = tk.load_tokenizer(hf_dir)
-    model = load_hf(hf_dir, ppm=True, mesh=mesh)
+    model = load_hf(hf_dir, ppm=True, mesh=mesh, lm_head=False)
     tk.sync_model_vocab(model, tokenizer, nnx.Rngs(0))
     return tokenizer, model

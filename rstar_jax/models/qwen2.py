@@ -225,7 +225,7 @@ def resize_embeddings(model: Qwen2, new_vocab_size: int, rngs: nnx.Rngs) -> Qwen
         return jnp.concatenate([table, (mean + noise).astype(table.dtype)], axis=axis)
 
     model.embed = nnx.Param(grow(model.embed[...], 0), logical_axes=("vocab", "embed"))
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and hasattr(model, "lm_head"):  # a scoring PPM's backbone has none
         model.lm_head = nnx.Param(grow(model.lm_head[...], 1), logical_axes=("embed", "vocab"))
     model.config = cfg.replace(vocab_size=new_vocab_size)
     return model
