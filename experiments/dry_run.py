@@ -59,7 +59,7 @@ def search_memory(model_config, mesh, *, trees: int, num_candidates: int, max_co
     cfg = model_config
     with jax.set_mesh(mesh):
         policy = _sharded_bytes(_abstract_params(cfg), mesh, cfg.jnp_dtype.itemsize)
-        ppm = _sharded_bytes(_scoring_params(cfg), mesh, cfg.jnp_dtype.itemsize) if with_ppm else 0
+        ppm = _sharded_bytes(_ppm_params(cfg)[1], mesh, cfg.jnp_dtype.itemsize) if with_ppm else 0
     tp = mesh.shape["tensor"]
     kv_heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
     slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize  # K and V of one token
@@ -83,13 +83,10 @@ def training_memory(model_config, mesh, *, batch: int, seq: int, microbatches: i
     logits. A reward model's example is a pair: two sequences per row, a value head instead of logits."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from rstar_jax.models.ppm import UNUSED_BY_SCORE
     from rstar_jax.train.optim import OptimConfig, make_optimizer
     cfg = model_config
-    params = _abstract_params(cfg, ppm=reward_model)
-    frozen, params = nnx.split_state(params, UNUSED_BY_SCORE if reward_model else nnx.Nothing, ...)
+    frozen, params = _ppm_params(cfg) if reward_model else ({}, _abstract_params(cfg))
     with jax.set_mesh(mesh):
         master = _sharded_bytes(params, mesh, 4)
         kept = _sharded_bytes(frozen, mesh, cfg.jnp_dtype.itemsize)
@@ -136,12 +133,13 @@ def _abstract_params(cfg, ppm: bool = False):
     return nnx.state(nnx.eval_shape(lambda: (PPM if ppm else Qwen2)(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
-def _scoring_params(cfg):
-    """A PPM's parameters as search loads it: without an untied LM head (`load_hf(lm_head=False)`)."""
+def _ppm_params(cfg):
+    """A PPM's (untied LM head, other parameters): search loads only the others (`load_hf(lm_head=False)`),
+    training trains only them."""
     from flax import nnx
 
     from rstar_jax.models.ppm import UNUSED_BY_SCORE
-    return nnx.split_state(_abstract_params(cfg, ppm=True), UNUSED_BY_SCORE, ...)[1]
+    return nnx.split_state(_abstract_params(cfg, ppm=True), UNUSED_BY_SCORE, ...)
 
 
 def format_plan(stage: str, items: list[MemoryItem], mesh, device_memory_gib: float | None = None) -> str:
