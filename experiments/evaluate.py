@@ -111,9 +111,11 @@ def _cached(path: str, digest: str, compute: Callable[[], dict], progress) -> di
 
 def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward_dir: str | None, out_dir: str,
              spec: EvalSpec, search_config, mesh_shape: tuple[int, int, int] = (1, 1, 1),
-             progress: Callable[[str], None] = print) -> dict:
+             progress: Callable[[str], None] = print,
+             score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB) -> dict:
     """Runs every method of `spec` and writes summary.json, report.md and scaling.png into out_dir (the
-    models on a mesh of this host's devices of `mesh_shape`)."""
+    models on a mesh of this host's devices of `mesh_shape`; the reward model's `ContextStore` of
+    `score_cache_mib`)."""
     from experiments.search import load_scorer, local_mesh
     from rstar_jax.eval import report, selection
     from rstar_jax.models.pretrained import load_policy
@@ -142,7 +144,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     max_n = max(spec.ns)
     mesh = local_mesh(mesh_shape)
     tokenizer, model = load_policy(policy_dir, mesh=mesh)
-    scorer = load_scorer(reward_dir, cfg.max_context_tokens, mesh) if reward_dir else None
+    scorer = load_scorer(reward_dir, cfg.max_context_tokens, mesh, score_cache_mib) if reward_dir else None
     rows = []
 
     def add(method: str, n: int, chosen: Sequence[dict | None], tokens: float, wall_s: float, **extra) -> None:
@@ -243,7 +245,7 @@ def main(argv):
     set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]
     evaluate(problems, set_name=set_name, policy_dir=FLAGS.policy, reward_dir=FLAGS.reward_model, out_dir=FLAGS.out,
              spec=spec, search_config=search_flags.search_config(mode="inference"),
-             mesh_shape=search_flags.search_mesh_shape())
+             mesh_shape=search_flags.search_mesh_shape(), score_cache_mib=search_flags.score_cache_mib())
 
 
 if __name__ == "__main__":

@@ -42,14 +42,14 @@ def load_problem_set(spec: str, limit: int = 0) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
-def load_scorer(hf_dir: str, max_tokens: int, mesh=None):
+def load_scorer(hf_dir: str, max_tokens: int, mesh=None, cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB):
     from rstar_jax.models.pretrained import load_reward_model
     from rstar_jax.sampling import default_concurrent_calls
     from rstar_jax.search.scoring import Scorer
     tokenizer, ppm = load_reward_model(hf_dir, mesh=mesh)
     return Scorer(ppm, lambda text: tokenizer.encode(text, add_special_tokens=False),
                   pad_id=tokenizer.pad_token_id or 0, max_tokens=max_tokens,
-                  concurrent_calls=default_concurrent_calls(mesh))
+                  concurrent_calls=default_concurrent_calls(mesh), cache_mib=cache_mib)
 
 
 def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):
@@ -68,10 +68,11 @@ def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):
 
 def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | None, out_dir: str, *,
                extract_config=None, progress=print, progress_every_s: float = 30.0,
-               mesh_shape: tuple[int, int, int] = (1, 1, 1), profile: tuple[int, int] = (-1, 3)) -> dict:
+               mesh_shape: tuple[int, int, int] = (1, 1, 1), profile: tuple[int, int] = (-1, 3),
+               score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB) -> dict:
     """Search this host's share of `problems` into `out_dir` (policy and PPM on a mesh of this host's devices
     of `mesh_shape`), then (process 0) extract the training data. `profile`: (first iteration, iterations)
-    of a profiler trace into out_dir/profile (-1: none)."""
+    of a profiler trace into out_dir/profile (-1: none); `score_cache_mib`: the PPM's `ContextStore`."""
     import jax
 
     from rstar_jax import parallel
@@ -84,7 +85,8 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
     name = "trees.jsonl" if jax.process_count() == 1 else f"trees.process_{jax.process_index()}.jsonl"
     mesh = local_mesh(mesh_shape)
     tokenizer, model = load_policy(policy_dir, mesh=mesh)
-    scorer = load_scorer(ppm_dir, config.max_context_tokens, mesh) if ppm_dir and config.uses_ppm else None
+    scorer = (load_scorer(ppm_dir, config.max_context_tokens, mesh, score_cache_mib)
+              if ppm_dir and config.uses_ppm else None)
     with Sandbox(timeout_s=config.exec_timeout_s) as sandbox, Grader() as grader:
         driver = SearchDriver(config, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer, mesh=mesh,
                               progress=progress, progress_every_s=progress_every_s,
@@ -113,7 +115,7 @@ def main(argv):
     stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
                        extract_config=search_flags.extract_config() if FLAGS.extract else None,
                        progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
-                       profile=search_flags.search_profile())
+                       profile=search_flags.search_profile(), score_cache_mib=search_flags.score_cache_mib())
     print(json.dumps({**stats, "total_s": round(time.perf_counter() - start, 1)}, default=str))
 
 

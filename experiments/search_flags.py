@@ -12,6 +12,9 @@ from absl import flags
 from rstar_jax.search.config import MODES, SearchConfig
 from rstar_jax.search.extract import ExtractConfig
 
+# Enough for the miniature's 256 trees of a search without dropping any; a 7B model's contexts take ~57 KB a token.
+DEFAULT_SCORE_CACHE_MIB = 4096
+
 _HELP = {
     "mode": "terminal (terminal-guided, rounds 1-2) | ppm (PPM-augmented, rounds 3-4) | inference (PPM-guided)",
     "rollouts": "MCTS rollouts (iterations) per problem",
@@ -73,10 +76,17 @@ def define() -> None:
                          "(into <search output>/profile; phases annotated: select, generate, execute, grade, score, "
                          "backup); -1: off")
     flags.DEFINE_integer("search_profile_iterations", 3, "search iterations in the profiler trace")
+    flags.DEFINE_float("score_cache_mib", DEFAULT_SCORE_CACHE_MIB, "host memory (MiB, each host) for the PPM's "
+                       "keys/values of tree nodes, so a child's score runs only its new step; the least recently "
+                       "used are dropped past it (0: off, each child runs with its prompt and path)", lower_bound=0)
 
 
 def search_profile() -> tuple[int, int]:
     return flags.FLAGS.search_profile_start, flags.FLAGS.search_profile_iterations
+
+
+def score_cache_mib() -> float:
+    return flags.FLAGS.score_cache_mib
 
 
 def search_mesh_shape() -> tuple[int, int, int]:

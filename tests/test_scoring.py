@@ -51,3 +51,76 @@ def test_concurrent_forwards_give_the_same_scores():
     one.min_group = two.min_group = 0
     for a, b in zip(two.score_groups(groups), one.score_groups(groups)):
         np.testing.assert_array_equal(a, b)
+
+
+def _merging_encode(text):
+    """One token per character, except that "ab" is one token: "...a" + "b..." does not extend "...a"'s tokens."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("ab", i):
+            out.append(63)
+            i += 2
+        else:
+            out.append(1 + ord(text[i]) % 60)
+            i += 1
+    return out
+
+
+def _children_scorer(seed, **kwargs):
+    ppm = PPM(preset("tiny").replace(vocab_size=64, num_layers=2), rngs=nnx.Rngs(seed))
+    ppm.v_head.weight[...] = np.linspace(-1, 1, ppm.config.hidden_size).astype(np.float32)
+    return Scorer(ppm, _merging_encode, max_tokens=120, batch=4, group_rows=8, **kwargs)
+
+
+def test_children_scored_on_stored_contexts_equal_whole_scores():
+    scorer = _children_scorer(2, cache_mib=64)
+    prompt = "Q: Ann has 5 apples and buys 7 more. How many?\n"
+    contexts = [prompt, "", prompt + "step 1: a", "Q: tiny\n", "Q: long\n" + "x" * 100]
+    steps = [["step 1: a = 5 + 7\n", "step 1: a = 5 - 7\n", "step 1: print(12)\n", "s\n", "t\n"],  # 5 rows pad to 8
+             [],  # a leaf that produced no candidate
+             ["b = 1\n", " = 2\n"],  # "a" + "b" merges: scored whole; " = 2" extends the context
+             ["a\n"],
+             ["y" * 30]]  # longer than max_tokens: its tail is scored whole
+    keep = [[True, True, False, True, True], [], [True, True], [True], [True]]
+    values = scorer.score_children(contexts, steps, keep)
+    whole = [scorer.score([c + s for s in ss]) if ss else np.zeros(0) for c, ss in zip(contexts, steps)]
+    for got, want in zip(values, whole):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.ptp(np.concatenate(values)) > 0.01  # the scores differ, so equality is not vacuous
+    store = scorer.store
+    assert (store.hits, store.misses) == (0, 4)  # four contexts with candidates looked up, none stored yet
+    # Kept children extending their context were stored ("step 1: print(12)" was not kept; the merged and
+    # too-long ones are not extensions), each with its own tokens.
+    stored = {prompt + s for s in steps[0] if s != "step 1: print(12)\n"} | {prompt + "step 1: a = 2\n", "Q: tiny\na\n"}
+    assert stored <= set(store._entries) and prompt + "step 1: print(12)\n" not in store._entries
+    assert len(store) == len(stored) + 3  # + the contexts computed: not the long one, whose child ran whole
+
+    # The next expansion: children of stored nodes run only their step on the stored keys/values.
+    deeper = [prompt + steps[0][0], prompt + steps[0][1], "Q: tiny\na\n"]
+    deeper_steps = [["step 2: print(a)\n", "step 2: print(a + 1)\n"], ["step 2: print(a)\n"], ["b\n", "c\n", "d\n"]]
+    values = scorer.score_children(deeper, deeper_steps)
+    assert (store.hits, store.misses) == (3, 4)
+    for c, ss, got in zip(deeper, deeper_steps, values):
+        np.testing.assert_allclose(got, scorer.score([c + s for s in ss]), atol=2e-5)
+    # A store too small for anything scores the same, every context computed again.
+    tiny = _children_scorer(2, cache_mib=1e-4)
+    for got, want in zip(tiny.score_children(deeper, deeper_steps), values):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    assert len(tiny.store) == 0 and tiny.store.misses == 3
+
+
+def test_context_store_drops_the_least_recently_used_past_its_budget():
+    from rstar_jax.search.scoring import ContextStore, _Context
+    entry = lambda t: _Context(np.zeros(t, np.int32), np.zeros((2, 1, 1, t, 4), np.float32))
+    one = entry(10).nbytes
+    store = ContextStore(3 * one)
+    for text in "abc":
+        store.put(text, entry(10))
+    assert store.get("a") is not None  # now the most recently used
+    store.put("d", entry(10))  # over budget: "b" goes
+    assert store.get("b") is None and [k for k in "acd" if store.get(k) is None] == []
+    assert store.nbytes == 3 * one and len(store) == 3
+    store.put("big", entry(100))  # larger than the whole budget: not kept, nothing dropped
+    assert store.get("big") is None and len(store) == 3
+    store.put("a", entry(5))  # replacing an entry frees its bytes
+    assert store.nbytes == 2 * one + entry(5).nbytes

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from experiments.expand import example_problem
-from experiments.search import run_search
+from experiments.search import load_scorer, run_search
 from rstar_jax.search import steps
 from rstar_jax.search.config import SearchConfig
 from rstar_jax.search.driver import ResumeError, pin_settings, read_finished, step_budgets, stream_id
@@ -101,11 +102,26 @@ def test_terminal_guided_search_and_extraction(models, terminal_run):
     _check_extracted(out, models["problems"], records)
 
 
+def _check_scores_are_whole_text_scores(ppm_dir, records):
+    """Every node's PPM value is the score of its whole context (prompt + path), as if scored alone: the
+    search scored children on their parents' stored keys/values."""
+    whole = load_scorer(ppm_dir, SearchConfig().max_context_tokens, cache_mib=0)
+    for r in records:
+        context = {0: r.prompt}
+        for n in r.nodes[1:]:
+            context[n.id] = context[n.parent] + n.text
+        nodes = r.nodes[1:]
+        np.testing.assert_allclose([n.init_value for n in nodes], whole.score([context[n.id] for n in nodes]),
+                                   atol=1e-5)
+    assert max(n.depth for r in records for n in r.nodes) >= 2  # children of stored (not root) contexts
+
+
 def test_ppm_augmented_and_inference_modes(models, tmp_path):
     ppm = run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][:2], models["policy"], models["ppm"],
                      str(tmp_path / "ppm"), extract_config=ExtractConfig(), progress=lambda s: None)
     assert ppm["seconds"]["score"] > 0
     _check_extracted(tmp_path / "ppm", models["problems"], _records(tmp_path / "ppm" / "trees.jsonl"))
+    _check_scores_are_whole_text_scores(models["ppm"], _records(tmp_path / "ppm" / "trees.jsonl"))
     for r in _records(tmp_path / "ppm" / "trees.jsonl"):
         for n in r.nodes[1:]:
             assert n.init_value is not None and -1 <= n.init_value <= 1
@@ -252,6 +268,13 @@ def test_search_on_a_device_mesh_matches_one_device(models, terminal_run, tmp_pa
     one = {r.problem_id: r.to_dict() for r in _records(out / "trees.jsonl")}
     for r in _records(tmp_path / "trees.jsonl"):
         assert r.to_dict() == one[r.problem_id]
+
+
+def test_ppm_search_on_a_device_mesh_scores_whole_texts(models, tmp_path):
+    """Policy and PPM sharded over data x tensor: the stored keys/values (host arrays) feed the sharded PPM."""
+    run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][2:3], models["policy"], models["ppm"],
+               str(tmp_path), progress=lambda s: None, mesh_shape=(2, 1, 2))
+    _check_scores_are_whole_text_scores(models["ppm"], _records(tmp_path / "trees.jsonl"))
 
 
 def test_a_profiler_window_traces_the_annotated_phases(models, tmp_path):

@@ -1,12 +1,14 @@
-"""PPM scoring of MCTS children: each child scored whole vs its leaf's shared prefix run once, side by side.
+"""PPM scoring of MCTS children, side by side: each child scored whole; its leaf's shared prefix run once; and
+the leaf's keys/values read from the store (as the search does: the leaf was scored when it was created).
 
   python -m experiments.bench.score                     # 16 leaves x 8 children (the search's batch)
   python -m experiments.bench.score --children=2        # the miniature's case: few unique children a leaf
 
 Workload: `leaves` prefixes (prompt + path) of random length in [min_len, max_len], `children` distinct
 continuations of `step_len` tokens each, random weights of the benchmark model (`--preset` for others).
-Both paths are `rstar_jax.search.scoring.Scorer` (`score` vs `score_groups`), compiled before timing;
-prints texts/s of both, the largest score difference, and last `ratio=<grouped/whole texts per second>`.
+All paths are `rstar_jax.search.scoring.Scorer` (`score`, `score_groups`, `score_children` with the leaves
+stored), compiled before timing; prints texts/s of each, the largest score difference, and last
+`ratio=<stored/whole texts per second>`.
 """
 from __future__ import annotations
 
@@ -37,16 +39,16 @@ def main(argv):
 
     cfg = model_config(FLAGS.preset, FLAGS.dtype)
     rng = np.random.default_rng(FLAGS.seed)
+    text = lambda size: "".join(map(chr, rng.integers(10, cfg.vocab_size, size)))  # one character a token
     groups = []
-    for _ in range(FLAGS.leaves):  # token ids stand in for texts: `encode` is the identity
-        prefix = rng.integers(10, cfg.vocab_size, rng.integers(FLAGS.min_len, FLAGS.max_len + 1)).tolist()
-        groups.append([prefix + rng.integers(10, cfg.vocab_size, FLAGS.step_len).tolist()
-                       for _ in range(FLAGS.children)])
+    for _ in range(FLAGS.leaves):
+        prefix = text(rng.integers(FLAGS.min_len, FLAGS.max_len + 1))
+        groups.append([prefix + text(FLAGS.step_len) for _ in range(FLAGS.children)])
     texts = [t for g in groups for t in g]
     ppm = PPM(cfg, rngs=nnx.Rngs(FLAGS.seed))
     # An untrained head (init ~N(5e-7, 1e-6)) scores ~0 everywhere; a random one makes the score difference meaningful.
     ppm.v_head.weight[...] = rng.normal(0, cfg.hidden_size ** -0.5, cfg.hidden_size).astype(np.float32)
-    scorer = Scorer(ppm, lambda ids: ids, max_tokens=cfg.max_position_embeddings, min_group=0)
+    scorer = Scorer(ppm, lambda t: list(map(ord, t)), max_tokens=cfg.max_position_embeddings, min_group=0, cache_mib=1 << 20)
     print(f"workload: {FLAGS.leaves} leaves of {FLAGS.min_len}-{FLAGS.max_len} tokens x {FLAGS.children} children "
           f"of {FLAGS.step_len} tokens; model {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.dtype}",
           flush=True)
@@ -60,10 +62,17 @@ def main(argv):
 
     whole, whole_s = timed(lambda: scorer.score(texts))
     grouped, grouped_s = timed(lambda: np.concatenate(scorer.score_groups(groups)))
-    print(f"whole:   {len(texts)} texts in {whole_s:.3f} s = {len(texts) / whole_s:.1f} texts/s", flush=True)
-    print(f"grouped: {len(texts)} texts in {grouped_s:.3f} s = {len(texts) / grouped_s:.1f} texts/s; "
-          f"largest score difference {np.max(np.abs(whole - grouped)):.1e}", flush=True)
-    print(f"ratio={whole_s / grouped_s:.2f}")
+    leaves, steps = [g[0][:-FLAGS.step_len] for g in groups], [[t[-FLAGS.step_len:] for t in g] for g in groups]
+    scorer.score_children(leaves, [s[:1] for s in steps], keep=[[False]] * len(steps))  # stores the leaves
+    no_keep = [[False] * len(s) for s in steps]  # the store stays as it is between the timed calls
+    stored, stored_s = timed(lambda: np.concatenate(scorer.score_children(leaves, steps, keep=no_keep)))
+    assert scorer.store.misses == len(leaves), "every leaf's keys/values come from the store"
+    for name, values, seconds in (("whole", whole, whole_s), ("grouped", grouped, grouped_s),
+                                  ("stored", stored, stored_s)):
+        print(f"{name + ':':8} {len(texts)} texts in {seconds:.3f} s = {len(texts) / seconds:.1f} texts/s; "
+              f"largest score difference from whole {np.max(np.abs(whole - values)):.1e}", flush=True)
+    print(f"grouped/whole {whole_s / grouped_s:.2f}")
+    print(f"ratio={whole_s / stored_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -296,8 +296,11 @@ class SearchDriver:
 
         scored = {}
         if self.scorer is not None and cfg.uses_ppm:
-            with self._phase("score"):  # a leaf's children share its prompt + path: run once per leaf
-                values = self.scorer.score_groups([[prompts[i] + c.text for c in cands[i]] for i in cands])
+            # A child that can be expanded keeps its keys/values: its own children's scores run only their step.
+            can_expand = [[c.kind == steps.CODE and not executed[id(c)].failed for c in cands[i]] for i in cands]
+            with self._phase("score"):
+                values = self.scorer.score_children([prompts[i] for i in cands],
+                                                    [[c.text for c in cands[i]] for i in cands], keep=can_expand)
             scored = {id(c): float(v) for i, vs in zip(cands, values) for c, v in zip(cands[i], vs)}
 
         with self._phase("tree", "backup"):
