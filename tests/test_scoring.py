@@ -109,18 +109,25 @@ def test_children_scored_on_stored_contexts_equal_whole_scores():
     assert len(tiny.store) == 0 and tiny.store.misses == 3
 
 
-def test_context_store_drops_the_least_recently_used_past_its_budget():
+def test_context_store_holds_its_budget_dropping_nodes_before_their_ancestors():
     from rstar_jax.search.scoring import ContextStore, _Context
-    entry = lambda t: _Context(np.zeros(t, np.int32), np.zeros((2, 1, 1, t, 4), np.float32))
-    one = entry(10).nbytes
-    store = ContextStore(3 * one)
-    for text in "abc":
-        store.put(text, entry(10))
-    assert store.get("a") is not None  # now the most recently used
-    store.put("d", entry(10))  # over budget: "b" goes
-    assert store.get("b") is None and [k for k in "acd" if store.get(k) is None] == []
-    assert store.nbytes == 3 * one and len(store) == 3
-    store.put("big", entry(100))  # larger than the whole budget: not kept, nothing dropped
-    assert store.get("big") is None and len(store) == 3
-    store.put("a", entry(5))  # replacing an entry frees its bytes
-    assert store.nbytes == 2 * one + entry(5).nbytes
+
+    def node(text, tokens, parent=None):  # each node holds `tokens` keys/values of its own
+        return _Context(text, np.zeros(tokens, np.int32), np.zeros((2, 1, 1, tokens, 4), np.float32), parent)
+
+    root = node("r", 10)
+    a, b = node("ra", 10, root), node("rb", 10, root)
+    a1 = node("ra1", 10, a)
+    store = ContextStore(4 * root.nbytes)
+    for e in (root, a, b, a1):
+        store.put(e)
+    assert len(store) == 4 and store.nbytes == 4 * root.nbytes
+    store.put(node("rc", 10, root))  # over budget: "rb" goes, the least recently used (a1's put used ra, r)
+    assert store.get("rb") is None and all(store.get(t) for t in ("r", "ra", "ra1", "rc"))
+    store.put(node("rb1", 10, b))  # its parent is gone: not stored
+    assert store.get("rb1") is None
+    store.put(node("rd", 10, root))  # "ra" is older than "rc", but its child "ra1" goes first
+    assert store.get("ra1") is None and store.get("ra") is a and store.nbytes == 4 * root.nbytes
+    store.put(node("big", 100, root))  # larger than the whole budget: not stored, nothing dropped
+    store.put(node("ra", 5, root))  # already stored: the stored one stays
+    assert store.get("big") is None and store.get("ra") is a and len(store) == 4

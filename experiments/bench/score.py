@@ -48,7 +48,8 @@ def main(argv):
     ppm = PPM(cfg, rngs=nnx.Rngs(FLAGS.seed))
     # An untrained head (init ~N(5e-7, 1e-6)) scores ~0 everywhere; a random one makes the score difference meaningful.
     ppm.v_head.weight[...] = rng.normal(0, cfg.hidden_size ** -0.5, cfg.hidden_size).astype(np.float32)
-    scorer = Scorer(ppm, lambda t: list(map(ord, t)), max_tokens=cfg.max_position_embeddings, min_group=0, cache_mib=1 << 20)
+    scorer = Scorer(ppm, lambda t: list(map(ord, t)), max_tokens=cfg.max_position_embeddings, min_group=0,
+                    cache_mib=1 << 20)
     print(f"workload: {FLAGS.leaves} leaves of {FLAGS.min_len}-{FLAGS.max_len} tokens x {FLAGS.children} children "
           f"of {FLAGS.step_len} tokens; model {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.dtype}",
           flush=True)

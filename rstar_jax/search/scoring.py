@@ -20,23 +20,35 @@ SUFFIX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CONTEXT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Context:
-    """A scored text's tokens and the reward model's keys/values of them."""
+    """A scored text's tokens and the reward model's keys/values of them: of its own last tokens (a node's step)
+    here, of the tokens before in `parent` (its parent node's context), so a node costs only its step."""
 
-    ids: np.ndarray  # [T] int32
-    kv: np.ndarray  # [2, L, G, T, Dh]: keys, values
+    text: str
+    ids: np.ndarray  # [T] int32, the whole text's
+    kv: np.ndarray  # [2, L, G, t, Dh]: keys, values of ids[T - t:]
+    parent: _Context | None = None  # holds ids[:T - t]
 
     @property
     def nbytes(self) -> int:
         return self.ids.nbytes + self.kv.nbytes
+
+    def lineage(self) -> list[_Context]:
+        """This context and its ancestors, the root last."""
+        out = [self]
+        while out[-1].parent is not None:
+            out.append(out[-1].parent)
+        return out
 
 
 class ContextStore:
     """Keys/values of scored texts on the host, by text, the least recently used dropped past `budget_bytes`.
 
     An MCTS node's context (prompt + path) ran through the reward model when the node was scored as its
-    parent's child: kept here, scoring the node's own children later runs only their new steps.
+    parent's child: kept here, scoring the node's own children later runs only their new steps. A node's
+    ancestors are always used more recently than it is, so the one dropped never has a stored descendant
+    that would keep its memory alive: the budget is what is held.
     """
 
     def __init__(self, budget_bytes: int):
@@ -52,18 +64,24 @@ class ContextStore:
             self.misses += 1
         else:
             self.hits += 1
-            self._entries.move_to_end(text)
+            self._touch(entry)
         return entry
 
-    def put(self, text: str, entry: _Context) -> None:
-        old = self._entries.pop(text, None)
-        self.nbytes -= old.nbytes if old is not None else 0
-        if entry.nbytes > self.budget:
+    def put(self, entry: _Context) -> None:
+        """Stores `entry` unless its text is stored already or its parent is not (dropped, or never kept)."""
+        if entry.parent is not None and self._entries.get(entry.parent.text) is not entry.parent:
             return
-        self._entries[text] = entry
+        if entry.text in self._entries or entry.nbytes > self.budget:
+            return
+        self._entries[entry.text] = entry
         self.nbytes += entry.nbytes
+        self._touch(entry)
         while self.nbytes > self.budget:
             self.nbytes -= self._entries.popitem(last=False)[1].nbytes
+
+    def _touch(self, entry: _Context) -> None:
+        for e in entry.lineage():  # the root ends up the most recently used
+            self._entries.move_to_end(e.text)
 
 
 class Scorer:
@@ -221,8 +239,8 @@ class Scorer:
                     missing[g] = ctx_ids
                 else:
                     entries[g] = entry
-        for g, entry in zip(missing, self._contexts(list(missing.values()))):
-            self.store.put(contexts[g], entry)
+        for g, entry in zip(missing, self._contexts([contexts[g] for g in missing], list(missing.values()))):
+            self.store.put(entry)
             entries[g] = entry
         if whole:
             for (g, j, _), v in zip(whole, self._score_ids([ids for _, _, ids in whole])):
@@ -235,7 +253,8 @@ class Scorer:
         live = sorted(children, key=lambda g: (rows_per[g], len(entries[g].ids)))
         chunks = []
         for g in live:
-            if not chunks or rows_per[chunks[-1][0]] != rows_per[g] or len(chunks[-1]) >= max(1, self.group_rows // rows_per[g]):
+            n = rows_per[g]
+            if not chunks or rows_per[chunks[-1][0]] != n or len(chunks[-1]) >= max(1, self.group_rows // n):
                 chunks.append([])
             chunks[-1].append(g)
         batches = [self._continuation_batch([entries[g] for g in chunk], [children[g] for g in chunk],
@@ -247,13 +266,12 @@ class Scorer:
                 for r, (j, ids) in enumerate(children[g]):
                     out[g][j] = values[b * n + r]
                     if keep is None or keep[g][j]:
-                        own = own_kv[:, :, b * n + r, :, s - (len(ids) - len(entries[g].ids)):]
-                        self.store.put(contexts[g] + steps[g][j],
-                                       _Context(ids, np.concatenate([entries[g].kv, own], axis=3)))
+                        own = own_kv[:, :, b * n + r, :, s - (len(ids) - len(entries[g].ids)):].copy()
+                        self.store.put(_Context(contexts[g] + steps[g][j], ids, own, parent=entries[g]))
         return out
 
-    def _contexts(self, ids: Sequence[np.ndarray]) -> list[_Context]:
-        """Keys/values of each token sequence, in batches of `batch` of similar length."""
+    def _contexts(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> list[_Context]:
+        """Keys/values of each text's tokens `ids`, in batches of `batch` of similar length."""
         order = np.argsort([len(x) for x in ids], kind="stable")
         chunks = [order[i:i + self.batch] for i in range(0, len(ids), self.batch)]
         batches = []
@@ -267,7 +285,7 @@ class Scorer:
         out = [None] * len(ids)
         for chunk, kv in zip(chunks, self._run_all(self._context_kv, batches)):
             for r, i in enumerate(chunk):
-                out[i] = _Context(ids[i], kv[:, :, r, :, kv.shape[4] - len(ids[i]):].copy())
+                out[i] = _Context(texts[i], ids[i], kv[:, :, r, :, kv.shape[4] - len(ids[i]):].copy())
         return out
 
     def _continuation_batch(self, contexts: Sequence[_Context], children: Sequence[Sequence[tuple[int, np.ndarray]]],
@@ -286,7 +304,11 @@ class Scorer:
         rest, rest_mask = np.full((b * n, s), self.pad_id, np.int32), np.zeros((b * n, s), bool)
         for g, (c, kids) in enumerate(zip(contexts, children)):
             t = len(c.ids)
-            prefix_kv[:, :, g, :, p - t:], prefix_mask[g, p - t:] = c.kv, True
+            end = p
+            for e in c.lineage():  # the context's keys/values, step by step from its end
+                prefix_kv[:, :, g, :, end - e.kv.shape[3]:end] = e.kv
+                end -= e.kv.shape[3]
+            prefix_mask[g, p - t:] = True
             for r, (_, ids) in enumerate(kids):
                 tail = ids[t:]
                 rest[g * n + r, s - len(tail):], rest_mask[g * n + r, s - len(tail):] = tail, True
