@@ -271,7 +271,8 @@ def policy(miniature):
     tokenizer, model = miniature["tokenizer"], miniature["model"]
     ppm = PPM(model.config, rngs=nnx.Rngs(1), backbone=model)
     ppm.v_head.weight[...] = np.random.default_rng(0).normal(0, 1, ppm.v_head.weight.shape).astype(np.float32)
-    scorer = Scorer(ppm, lambda t: tokenizer.encode(t, add_special_tokens=False), pad_id=tokenizer.pad_token_id)
+    scorer = Scorer(ppm, lambda t: tokenizer.encode(t, add_special_tokens=False), pad_id=tokenizer.pad_token_id,
+                    cache_mib=64)  # beam search scores steps on stored contexts
     rng = random.Random(7)
     problems = [example_problem(rng, i)[0] for i in range(3)]
     return {"tokenizer": tokenizer, "block": bl.block_sampler(model, tokenizer),
@@ -342,3 +343,7 @@ def test_step_beam_search_real_model(policy, sandbox, grader):
         assert [t["score"] for t in res] == sorted((t["score"] for t in res), reverse=True)
         assert all(t["final_answer"] is not None and t["end"] == bl.ANSWER for t in res)
         check_against_grader(res, problem, grader)
+        if res:  # scored on stored contexts, as if whole
+            np.testing.assert_allclose([t["score"] for t in res], p["scorer"].score(
+                [tk.format_prompt(problem["question"]) + t["response"] for t in res]), atol=1e-5)
+    assert p["scorer"].store.hits > 0

@@ -159,6 +159,24 @@ def _scores(scorer, texts: Sequence[str]) -> list[float | None]:
     return [float(v) for v in scorer.score(list(texts))]
 
 
+def _step_scores(scorer, children: Sequence[tuple[str, str, bool]]) -> list[float]:
+    """Scores of (context, step, may continue) children: by context through `Scorer.score_children`, which
+    runs only the steps on stored contexts and stores those that may continue; whole texts with a scorer
+    that only has `score`."""
+    if not hasattr(scorer, "score_children"):
+        return _scores(scorer, [context + step for context, step, _ in children])
+    groups: dict[str, list[int]] = {}
+    for k, (context, _, _) in enumerate(children):
+        groups.setdefault(context, []).append(k)
+    values = scorer.score_children(list(groups), [[children[k][1] for k in ks] for ks in groups.values()],
+                                   keep=[[children[k][2] for k in ks] for ks in groups.values()])
+    out = [0.0] * len(children)
+    for ks, vs in zip(groups.values(), values):
+        for k, v in zip(ks, vs):
+            out[k] = float(v)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # System 1 and sampled full solutions
 
@@ -348,7 +366,8 @@ def step_beam_search(sampler: Sampler, tokenizer, problems: Sequence[Mapping], *
         cands = [cand for k, cand in enumerate(cands) if k not in failed]
 
         # Score every surviving partial solution (one scorer call) and keep the best per problem.
-        scores = _scores(scorer, [prompts[i] + "".join(e.steps) + c.text for i, e, c, _ in cands])
+        scores = _step_scores(scorer, [(prompts[i] + "".join(e.steps), c.text, c.kind == steps.CODE)
+                                       for i, e, c, _ in cands])
         by_problem: dict[int, list[tuple[float, int]]] = {}
         for k, ((i, _, _, _), score) in enumerate(zip(cands, scores)):
             by_problem.setdefault(i, []).append((score, k))
