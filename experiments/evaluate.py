@@ -112,10 +112,11 @@ def _cached(path: str, digest: str, compute: Callable[[], dict], progress) -> di
 def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward_dir: str | None, out_dir: str,
              spec: EvalSpec, search_config, mesh_shape: tuple[int, int, int] = (1, 1, 1),
              progress: Callable[[str], None] = print,
-             score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB) -> dict:
+             score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB,
+             policy_cache_mib: float = search_flags.DEFAULT_POLICY_CACHE_MIB) -> dict:
     """Runs every method of `spec` and writes summary.json, report.md and scaling.png into out_dir (the
-    models on a mesh of this host's devices of `mesh_shape`; the reward model's `ContextStore` of
-    `score_cache_mib`)."""
+    models on a mesh of this host's devices of `mesh_shape`; the reward model's and the step-level policy's
+    (MCTS, beam search) `ContextStore`s of `score_cache_mib` and `policy_cache_mib`)."""
     from experiments.search import load_scorer, local_mesh
     from rstar_jax.eval import report, selection
     from rstar_jax.models.pretrained import load_policy
@@ -185,9 +186,10 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
                         reward_auc=report.ranking_auc(pools))
 
         if "beam" in spec.methods:
+            step_sampler = Sampler.for_steps(model, tokenizer, mesh=mesh, cache_mib=policy_cache_mib)
             raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), lambda: {
-                "pools": baselines.step_beam_search(Sampler.for_steps(model, tokenizer, mesh=mesh), tokenizer, problems,
-                                                    scorer=scorer, sandbox=sandbox, grader=grader, config=base)},
+                "pools": baselines.step_beam_search(step_sampler, tokenizer, problems, scorer=scorer, sandbox=sandbox,
+                                                    grader=grader, config=base)},
                 progress)
             # Tokens of the finished trajectories (pruned branches are not counted).
             add("beam", spec.beam_width, [pool[0] if pool else None for pool in raw["pools"]],
@@ -199,7 +201,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
             os.makedirs(os.path.dirname(trees), exist_ok=True)
             start = time.perf_counter()
             driver = SearchDriver(mcts_cfg, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer,
-                                  mesh=mesh, progress=progress)
+                                  mesh=mesh, progress=progress, policy_cache_mib=policy_cache_mib)
             driver.run(list(problems), trees)
             wall = time.perf_counter() - start  # this invocation's share when it resumed
             runs = report.run_answers(read_tree_records(trees))
@@ -245,7 +247,7 @@ def main(argv):
     set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]
     evaluate(problems, set_name=set_name, policy_dir=FLAGS.policy, reward_dir=FLAGS.reward_model, out_dir=FLAGS.out,
              spec=spec, search_config=search_flags.search_config(mode="inference"),
-             mesh_shape=search_flags.search_mesh_shape(), score_cache_mib=search_flags.score_cache_mib())
+             mesh_shape=search_flags.search_mesh_shape(), **search_flags.cache_budgets())
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ ROUNDS_SCHEMA = "rstar_jax.rounds/1"
 _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every", "sft_profile_start",
                "ppm_profile_start", "sft_profile_steps", "ppm_profile_steps", "search_profile_start",
                "search_profile_iterations", "profile", "dry_run", "dry_run_devices", "device_memory_gib", "model_preset",
-               "search_mesh", "sft_remat", "ppm_remat", "sft_loss_chunk", "score_cache_mib")
+               "search_mesh", "sft_remat", "ppm_remat", "sft_loss_chunk", "score_cache_mib",
+               "policy_cache_mib")
 
 
 def define_flags() -> None:
@@ -142,7 +143,7 @@ def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str |
                                         max_rollouts_unsolved=0)
     summary = evaluate(problems, set_name=os.path.basename(FLAGS.eval_problems), policy_dir=policy, reward_dir=ppm,
                        out_dir=stage_dir, spec=_eval_spec(methods), search_config=config,
-                       mesh_shape=search_flags.search_mesh_shape(), score_cache_mib=search_flags.score_cache_mib())
+                       mesh_shape=search_flags.search_mesh_shape(), **search_flags.cache_budgets())
     return {"rows": [{k: v for k, v in r.items() if k != "correct"} for r in summary["rows"]]}
 
 
@@ -314,7 +315,7 @@ def run_round(inputs: RoundInputs) -> dict:
         stats = run_search(config, problems, policy, ppm, d, extract_config=search_flags.extract_config(),
                            progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
                            profile=(2 if FLAGS.profile and start < 0 else start, iterations),
-                           score_cache_mib=search_flags.score_cache_mib())
+                           **search_flags.cache_budgets())
         if stages.is_primary():  # it extracted the training data from every process's trees
             stats["coverage_by_difficulty"] = coverage_by_difficulty(d, problems)
         if not stages.agree(stages.is_primary() and stats["extracted"]["sft"]):

@@ -69,10 +69,12 @@ def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):
 def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | None, out_dir: str, *,
                extract_config=None, progress=print, progress_every_s: float = 30.0,
                mesh_shape: tuple[int, int, int] = (1, 1, 1), profile: tuple[int, int] = (-1, 3),
-               score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB) -> dict:
+               score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB,
+               policy_cache_mib: float = search_flags.DEFAULT_POLICY_CACHE_MIB) -> dict:
     """Search this host's share of `problems` into `out_dir` (policy and PPM on a mesh of this host's devices
     of `mesh_shape`), then (process 0) extract the training data. `profile`: (first iteration, iterations)
-    of a profiler trace into out_dir/profile (-1: none); `score_cache_mib`: the PPM's `ContextStore`."""
+    of a profiler trace into out_dir/profile (-1: none); `score_cache_mib`, `policy_cache_mib`: the PPM's and the
+    policy's `ContextStore`s."""
     import jax
 
     from rstar_jax import parallel
@@ -91,7 +93,7 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
         driver = SearchDriver(config, model, tokenizer, sandbox=sandbox, grader=grader, scorer=scorer, mesh=mesh,
                               progress=progress, progress_every_s=progress_every_s,
                               profile_dir=os.path.join(out_dir, "profile"), profile_start=profile[0],
-                              profile_iterations=profile[1])
+                              profile_iterations=profile[1], policy_cache_mib=policy_cache_mib)
         stats = driver.run(parallel.host_shard(problems), os.path.join(out_dir, name))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -115,7 +117,7 @@ def main(argv):
     stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
                        extract_config=search_flags.extract_config() if FLAGS.extract else None,
                        progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
-                       profile=search_flags.search_profile(), score_cache_mib=search_flags.score_cache_mib())
+                       profile=search_flags.search_profile(), **search_flags.cache_budgets())
     print(json.dumps({**stats, "total_s": round(time.perf_counter() - start, 1)}, default=str))
 
 

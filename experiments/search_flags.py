@@ -14,6 +14,7 @@ from rstar_jax.search.extract import ExtractConfig
 
 # Enough for the miniature's 256 trees of a search without dropping any; a 7B model's contexts take ~57 KB a token.
 DEFAULT_SCORE_CACHE_MIB = 4096
+DEFAULT_POLICY_CACHE_MIB = 4096
 
 _HELP = {
     "mode": "terminal (terminal-guided, rounds 1-2) | ppm (PPM-augmented, rounds 3-4) | inference (PPM-guided)",
@@ -79,14 +80,19 @@ def define() -> None:
     flags.DEFINE_float("score_cache_mib", DEFAULT_SCORE_CACHE_MIB, "host memory (MiB, each host) for the PPM's "
                        "keys/values of tree nodes, so a child's score runs only its new step; the least recently "
                        "used are dropped past it (0: off, each child runs with its prompt and path)", lower_bound=0)
+    flags.DEFINE_float("policy_cache_mib", DEFAULT_POLICY_CACHE_MIB, "host memory (MiB, each host) for the policy's "
+                       "keys/values of expanded tree nodes, so expanding a child prefills only its new step; the "
+                       "least recently used are dropped past it (0: off, each expansion prefills prompt and path)",
+                       lower_bound=0)
 
 
 def search_profile() -> tuple[int, int]:
     return flags.FLAGS.search_profile_start, flags.FLAGS.search_profile_iterations
 
 
-def score_cache_mib() -> float:
-    return flags.FLAGS.score_cache_mib
+def cache_budgets() -> dict[str, float]:
+    """The host key/value stores of search and evaluation, as keyword arguments of `run_search`/`evaluate`."""
+    return {"score_cache_mib": flags.FLAGS.score_cache_mib, "policy_cache_mib": flags.FLAGS.policy_cache_mib}
 
 
 def search_mesh_shape() -> tuple[int, int, int]:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rstar_jax import tokenizer as tk
+from rstar_jax.kv_store import StoredContext, store_for
 from rstar_jax.models.qwen2 import KVCache, Qwen2, SharedPrefix, positions_from_mask
 
 # Padded prompt lengths: steps of 64 to 512, then four per doubling (at most 25% padding). A prefill is
@@ -28,6 +29,8 @@ from rstar_jax.models.qwen2 import KVCache, Qwen2, SharedPrefix, positions_from_
 # batch is ~300 tokens, so 512; measured on a 256-problem miniature search, 105 s -> 66 s).
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
                           2560, 3072, 3584, 4096)
+# Lengths of the tokens a prefill runs after a stored context (a node's step).
+STEP_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 FINISH_REASONS = ("length", "stop", "eos")  # index = code stored on device
 # XLA:CPU runs a decode step of the miniature on about one core (its ops are too small to split): two
 # calls in two threads, each with half of the prompts, did 1.7x the work per second on 2 cores (same samples).
@@ -83,6 +86,16 @@ class DecodeState:
     finish: jax.Array  # [R] int32 index into FINISH_REASONS
     length: jax.Array  # [R] int32 tokens generated
     step: jax.Array  # [] int32
+
+
+@dataclasses.dataclass
+class _Reuse:
+    """Where the keys/values of a prompt's first `k` tokens come from: a stored context (`entry`, whose ids
+    begin the prompt's), else computed by the call (`kv`). Only the tokens after them run in its prefill."""
+
+    k: int
+    entry: StoredContext | None = None
+    kv: np.ndarray | None = None  # [2, L, G, k, Dh] when there is no entry
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -175,7 +188,7 @@ class Sampler:
                  pad_id: int = 0, valid_vocab_size: int | None = None,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, batch_multiple: int = 1,
                  first_segment: int = 64, mesh: jax.sharding.Mesh | None = None, xla_defaults: bool = False,
-                 concurrent_calls: int | None = None):
+                 concurrent_calls: int | None = None, cache_mib: float = 0):
         """
         decode_fn: token ids -> text (special tokens kept, no whitespace clean-up).
         stop_strings: text stops, kept in the sample; checked on the decoded text, so a stop split across
@@ -188,6 +201,8 @@ class Sampler:
         xla_defaults: compile decode with XLA's default options (benchmarks: see CPU_DECODE_COMPILER_OPTIONS).
         concurrent_calls: a call's prompts are split, by length, into this many groups that prefill and
           decode in parallel threads. Default: CPU_CONCURRENT_CALLS on CPU without a multi-device mesh, else 1.
+        cache_mib: host memory for the keys/values of prompts named by `generate(texts=...)`, so a prompt
+          that extends a stored one (an MCTS leaf's context extends its parent's) prefills only its new tokens.
         """
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
@@ -207,7 +222,10 @@ class Sampler:
         self._eos = np.asarray(list(eos_token_ids) or [-3], np.int32)
         vocab = self.config.vocab_size
         self._vocab_mask = np.arange(vocab) < (valid_vocab_size or vocab)
+        self.store = store_for(cache_mib)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "max_new_tokens", "segment"))
+        self._prefill_after = jax.jit(self._prefill_after_impl, static_argnames=("n", "max_new_tokens", "segment"))
+        self._context_kv = jax.jit(self._context_kv_impl)
         self.first_segment = first_segment
         self._decode = jax.jit(self._decode_impl, static_argnames=("config",), donate_argnums=(1,),
                                compiler_options=decode_compiler_options(xla_defaults))
@@ -239,12 +257,46 @@ class Sampler:
         b, p = tokens.shape
         hidden, prompt_cache = model(tokens, positions_from_mask(mask), mask, KVCache.zeros(self.config, b, p))
         logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every row's last token at P-1
-        fan = lambda x: jnp.repeat(x, n, axis=0)
         prefix = SharedPrefix(k=prompt_cache.k, v=prompt_cache.v, valid=prompt_cache.valid)
+        return self._start(logits, jnp.sum(mask, axis=-1, dtype=jnp.int32), prefix, row_keys, filler, n=n,
+                           max_new_tokens=max_new_tokens, segment=segment)
+
+    def _prefill_after_impl(self, params, prefix_kv, prefix_mask, rest, rest_mask, row_keys, filler, *, n: int,
+                            max_new_tokens: int, segment: int) -> tuple[DecodeState, jax.Array]:
+        """`_prefill` of prompts whose first tokens' keys/values are given: prefix_kv [2, L, B, G, P, Dh] valid
+        where prefix_mask [B, P], right-aligned; rest, rest_mask: [B, S] the tokens after them, left-padded.
+        The samples share prefix and rest ([B, P + S] slots). Also returns the rest's keys/values
+        [2, L, B, G, S, Dh]."""
+        model = nnx.merge(self.graphdef, params)
+        b, s = rest.shape
+        stored = SharedPrefix(k=tuple(prefix_kv[0]), v=tuple(prefix_kv[1]), valid=prefix_mask)
+        start = jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32)  # [B] the rest's first position
+        hidden, cache = model(rest, start[:, None] + positions_from_mask(rest_mask), rest_mask,
+                              KVCache.zeros(self.config, b, s).replace(prefix=stored))
+        cat = lambda a, c: tuple(jnp.concatenate([x, y], axis=2) for x, y in zip(a, c))  # along the slots
+        prefix = SharedPrefix(k=cat(stored.k, cache.k), v=cat(stored.v, cache.v),
+                              valid=jnp.concatenate([prefix_mask, rest_mask], axis=1))
+        state = self._start(model.logits(hidden[:, -1]), start + jnp.sum(rest_mask, axis=-1, dtype=jnp.int32),
+                            prefix, row_keys, filler, n=n, max_new_tokens=max_new_tokens, segment=segment)
+        return state, jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)])
+
+    def _context_kv_impl(self, params, tokens, mask):
+        """tokens, mask: [B, P] left-padded -> their keys/values [2, L, B, G, P, Dh]."""
+        model = nnx.merge(self.graphdef, params)
+        b, p = tokens.shape
+        _, cache = model(tokens, positions_from_mask(mask), mask, KVCache.zeros(self.config, b, p))
+        return jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)])
+
+    def _start(self, logits, positions, prefix: SharedPrefix, row_keys, filler, *, n: int, max_new_tokens: int,
+               segment: int) -> DecodeState:
+        """The decode state after a prefill: logits [B, V] and positions [B] of each prompt's next token, fanned
+        out to its n rows, which share `prefix`."""
+        b = logits.shape[0]
+        fan = lambda x: jnp.repeat(x, n, axis=0)
         cache = KVCache.zeros(self.config, b * n, segment).replace(prefix=prefix)
         rows = b * n
         return DecodeState(
-            cache=cache, logits=fan(logits), positions=fan(jnp.sum(mask, axis=-1).astype(jnp.int32)), keys=row_keys,
+            cache=cache, logits=fan(logits), positions=fan(positions), keys=row_keys,
             tokens=jnp.full((rows, max_new_tokens), self.pad_id, jnp.int32),
             logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
             recent=jnp.full((rows, self._stop_seqs.shape[1]), -2, jnp.int32),
@@ -287,11 +339,15 @@ class Sampler:
 
     # ---- host side -----------------------------------------------------------------------------
 
+    def _batch_rows(self, count: int) -> int:
+        """Padded batch size of `count` prompts: a power of two, a multiple of `batch_multiple`."""
+        rows = max(self.batch_multiple, 1 << (count - 1).bit_length())
+        return -(-rows // self.batch_multiple) * self.batch_multiple
+
     def _pad_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         longest = max(len(p) for p in prompts)
         width = _bucket(longest, self.prompt_buckets, "prompt length")
-        rows = max(self.batch_multiple, 1 << (len(prompts) - 1).bit_length())
-        rows = -(-rows // self.batch_multiple) * self.batch_multiple
+        rows = self._batch_rows(len(prompts))
         tokens = np.full((rows, width), self.pad_id, np.int32)
         mask = np.zeros((rows, width), bool)
         for i, p in enumerate(prompts):
@@ -310,11 +366,16 @@ class Sampler:
         return per_row.reshape(-1)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, config: SamplingConfig = SamplingConfig(), *,
-                 seed: int = 0, prompt_ids: Sequence[int] | None = None) -> list[list[Sample]]:
+                 seed: int = 0, prompt_ids: Sequence[int] | None = None, texts: Sequence[str] | None = None,
+                 parents: Sequence[str | None] | None = None) -> list[list[Sample]]:
         """prompts: token id lists. Returns n samples per prompt.
 
         Sample j of prompt i draws from the stream (seed, prompt_ids[i], j) (prompt_ids default to the
         positions), so a sample does not depend on what else is in the batch.
+        With a store (`cache_mib`), texts[i] names prompt i (its text) and parents[i] a text it extends (an
+        MCTS leaf's parent's context; None: none): the keys/values of a stored parent are reused (of the
+        prompt itself when it has no parent), and the prompt's are stored. Same samples as without, up to
+        float rounding.
         """
         if len(prompts) == 0:
             return []
@@ -325,6 +386,8 @@ class Sampler:
         prompt_ids = list(range(len(prompts)) if prompt_ids is None else prompt_ids)
         if len(prompt_ids) != len(prompts):
             raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
+        if texts is not None and len(texts) != len(prompts) or parents is not None and len(parents) != len(prompts):
+            raise ValueError(f"texts and parents must name each of the {len(prompts)} prompts")
         if any(not 0 <= int(i) < 2**32 - 1 for i in prompt_ids):
             raise ValueError("prompt_ids must be integers in [0, 2**32 - 1) (they seed the sampling streams)")
         for i, p in enumerate(prompts):
@@ -337,43 +400,117 @@ class Sampler:
             logging.warning("prompt + max_new_tokens reaches position %d, beyond the model's trained "
                             "max_position_embeddings=%d", longest, self.config.max_position_embeddings)
         start = time.perf_counter()
+        reuse = None
+        if self.store is not None and texts is not None:
+            reuse = self._plan_reuse(prompts, texts, [None] * len(prompts) if parents is None else parents)
         # Groups of similar length (less padding), each a contiguous slice of the prompts sorted by length.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         groups = [g.tolist() for g in np.array_split(order, min(self._map.workers, len(prompts)))]
-        run = lambda g: self._generate_group([prompts[i] for i in g], [prompt_ids[i] for i in g], n, config, seed)
+        run = lambda g: self._generate_group([prompts[i] for i in g], [prompt_ids[i] for i in g], n, config, seed,
+                                             None if reuse is None else [reuse[i] for i in g])
         outs = self._map(run, groups)
         device_s = time.perf_counter() - start
         results = [None] * len(prompts)
         for g, (samples, _) in zip(groups, outs):
-            for i, (tokens, logprobs, finish, length) in zip(g, samples):
+            for i, (tokens, logprobs, finish, length, own_kv) in zip(g, samples):
                 results[i] = [self._to_sample(tokens[j], logprobs[j], int(finish[j]), int(length[j])) for j in range(n)]
+                if reuse is not None:
+                    self._store_prompt(texts[i], np.asarray(prompts[i], np.int32), reuse[i], own_kv)
         self.last_timing = {"device_s": device_s, "host_s": time.perf_counter() - start - device_s,
                             "steps": max(t["steps"] for _, t in outs), "groups": len(groups),
                             "batch_rows": sum(t["batch_rows"] for _, t in outs),
                             "prompt_bucket": max(t["prompt_bucket"] for _, t in outs)}
         return results
 
-    def _generate_group(self, prompts, prompt_ids, n: int, config: SamplingConfig, seed: int):
-        """One padded batch through prefill and decode: per prompt, its n rows' (tokens, logprobs, finish,
-        length) as numpy arrays, and the batch's shape figures."""
+    def _plan_reuse(self, prompts, texts, parents) -> list[_Reuse]:
+        """Each prompt's stored beginning (its parent's context, or itself when it has no parent), else the keys/
+        values of all its tokens but the last, computed now (a prefill always runs at least one token)."""
+        out, missing = [], []
+        for i, (prompt, text, parent) in enumerate(zip(prompts, texts, parents)):
+            entry = self.store.get(text if parent is None else parent)
+            t = len(entry.ids) if entry is not None else 0
+            if entry is not None and t <= len(prompt) and np.array_equal(entry.ids, prompt[:t]):
+                out.append(_Reuse(min(t, len(prompt) - 1), entry))
+            else:  # not stored, or a merge across the boundary changed its tokens
+                out.append(_Reuse(len(prompt) - 1))
+                if len(prompt) > 1:
+                    missing.append(i)
+        order = sorted(missing, key=lambda i: len(prompts[i]))
+        chunks = [c.tolist() for c in np.array_split(order, min(self._map.workers, len(order)))] if order else []
+        for chunk, kv in zip(chunks, self._map(lambda c: self._compute_kv([prompts[i][:-1] for i in c]), chunks)):
+            for r, i in enumerate(chunk):
+                out[i].kv = kv[:, :, r, :, kv.shape[4] - out[i].k:].copy()
+        return out
+
+    def _compute_kv(self, prompts) -> np.ndarray:
+        """Keys/values [2, L, B, G, P, Dh] of left-padded prompts."""
         tokens, mask = self._pad_batch(prompts)
-        keys = self._row_keys(seed, prompt_ids, n, tokens.shape[0] * n)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return np.asarray(self._context_kv(self.params, tokens, mask))
+
+    def _pad_after(self, prompts, reuse: Sequence[_Reuse]) -> tuple[np.ndarray, ...]:
+        """`_prefill_after`'s inputs: each prompt's first k tokens' keys/values right-aligned in P slots, its other
+        tokens left-padded in S; P + S is a prompt bucket, so decode programs are those of `_prefill`."""
+        rest = max(len(p) - r.k for p, r in zip(prompts, reuse))
+        s = next((b for b in STEP_BUCKETS if b >= rest), rest)
+        need = max(r.k for r in reuse) + s
+        p = next((b for b in self.prompt_buckets if b >= need), -(-need // 256) * 256) - s
+        rows = self._batch_rows(len(prompts))
+        c = self.config
+        prefix_kv = np.zeros((2, c.num_layers, rows, c.num_kv_heads, p, c.head_dim), c.jnp_dtype)
+        prefix_mask = np.zeros((rows, p), bool)
+        rest, rest_mask = np.full((rows, s), self.pad_id, np.int32), np.zeros((rows, s), bool)
+        for i, (prompt, r) in enumerate(zip(prompts, reuse)):
+            if r.entry is not None:
+                r.entry.write_kv(prefix_kv[:, :, i], p, length=r.k)
+            elif r.k:
+                prefix_kv[:, :, i, :, p - r.k:] = r.kv
+            prefix_mask[i, p - r.k:] = True
+            tail = prompt[r.k:]
+            rest[i, s - len(tail):], rest_mask[i, s - len(tail):] = tail, True
+        rest_mask[len(prompts):, -1] = True  # filler rows: one real token so their attention is well-defined
+        return prefix_kv, prefix_mask, rest, rest_mask
+
+    def _store_prompt(self, text: str, ids: np.ndarray, reuse: _Reuse, own_kv: np.ndarray) -> None:
+        """Stores the prompt's keys/values: own_kv [2, L, G, len(ids) - k, Dh] after its reused beginning."""
+        if reuse.entry is None:
+            kv = own_kv.copy() if reuse.kv is None else np.concatenate([reuse.kv, own_kv], axis=3)
+            self.store.put(StoredContext(text, ids, kv))
+        elif reuse.k == len(reuse.entry.ids):  # a parent's context (not the prompt itself, stored already)
+            self.store.put(StoredContext(text, ids, own_kv.copy(), parent=reuse.entry))  # not a view of the batch
+
+    def _generate_group(self, prompts, prompt_ids, n: int, config: SamplingConfig, seed: int,
+                        reuse: Sequence[_Reuse] | None = None):
+        """One padded batch through prefill and decode: per prompt, its n rows' (tokens, logprobs, finish,
+        length) as numpy arrays and, with `reuse`, the keys/values of its tokens after its reused beginning;
+        and the batch's shape figures."""
+        if reuse is None:
+            tokens, mask = self._pad_batch(prompts)
+            rows, width = tokens.shape
+        else:
+            after = self._pad_after(prompts, reuse)
+            rows, width = after[0].shape[2], after[1].shape[1] + after[2].shape[1]
+        keys = self._row_keys(seed, prompt_ids, n, rows * n)
+        filler = np.arange(rows) >= len(prompts)
         ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             segment = min(self.first_segment, config.max_new_tokens)
-            filler = np.arange(tokens.shape[0]) >= len(prompts)
-            state = self._prefill(self.params, tokens, mask, keys, filler, n=n, max_new_tokens=config.max_new_tokens,
-                                  segment=segment)
+            shapes = dict(n=n, max_new_tokens=config.max_new_tokens, segment=segment)
+            if reuse is None:
+                state, rest_kv = self._prefill(self.params, tokens, mask, keys, filler, **shapes), None
+            else:
+                state, rest_kv = self._prefill_after(self.params, *after, keys, filler, **shapes)
             while True:  # decode segments of doubling length until every row is done or out of tokens
                 state = self._decode(self.params, state, config=config)
                 if segment == config.max_new_tokens or bool(jnp.all(state.done)):
                     break
                 segment = min(2 * segment, config.max_new_tokens)
                 state = self._grow(state, length=segment)
-            out = jax.device_get((state.tokens, state.logprobs, state.finish, state.length))
-        rows = [tuple(a[i * n:(i + 1) * n] for a in out) for i in range(len(prompts))]
-        return rows, {"steps": int(out[3].max(initial=0)), "batch_rows": tokens.shape[0] * n,
-                      "prompt_bucket": tokens.shape[1]}
+            out, rest_kv = jax.device_get(((state.tokens, state.logprobs, state.finish, state.length), rest_kv))
+        own = [None] * len(prompts) if reuse is None else [
+            rest_kv[:, :, i, :, rest_kv.shape[4] - (len(p) - r.k):] for i, (p, r) in enumerate(zip(prompts, reuse))]
+        samples = [(*(a[i * n:(i + 1) * n] for a in out), own[i]) for i in range(len(prompts))]
+        return samples, {"steps": int(out[3].max(initial=0)), "batch_rows": rows * n, "prompt_bucket": width}
 
     def _to_sample(self, tokens: np.ndarray, logprobs: np.ndarray, finish: int, length: int) -> Sample:
         ids = tokens[:length].tolist()

@@ -276,7 +276,8 @@ def policy(miniature):
     rng = random.Random(7)
     problems = [example_problem(rng, i)[0] for i in range(3)]
     return {"tokenizer": tokenizer, "block": bl.block_sampler(model, tokenizer),
-            "steps": Sampler.for_steps(model, tokenizer), "scorer": scorer, "problems": problems}
+            "steps": Sampler.for_steps(model, tokenizer, cache_mib=64),  # beam steps prefill on stored contexts
+            "scorer": scorer, "problems": problems}
 
 
 REAL = bl.BaselineConfig(max_step_tokens=40, max_context_tokens=512, exec_timeout_s=5.0, beam_width=3,
@@ -347,3 +348,4 @@ def test_step_beam_search_real_model(policy, sandbox, grader):
             np.testing.assert_allclose([t["score"] for t in res], p["scorer"].score(
                 [tk.format_prompt(problem["question"]) + t["response"] for t in res]), atol=1e-5)
     assert p["scorer"].store.hits > 0
+    assert p["steps"].store.hits > 0  # each step was generated after its beam's stored context

@@ -13,11 +13,14 @@ import pytest
       "--max_len=24", "--n=2", "--new_tokens=4"], ("ours:", "ours with XLA's default")),
     (["experiments.bench.decode", "--against=one_call", "--preset=tiny", "--num_prompts=3", "--min_len=16",
       "--max_len=24", "--n=2", "--new_tokens=4"], ("ours:", "ours with one batch per call")),
+    (["experiments.bench.decode", "--against=whole_prefill", "--preset=tiny", "--num_prompts=2", "--min_len=16",
+      "--max_len=24", "--n=2", "--new_tokens=4", "--step_len=8"], ("ours:", "ours prefilling every prompt whole")),
     (["experiments.bench.train", "--batch=2", "--seq_len=32", "--steps=1", "--dtype=bfloat16",
       "--attention_impl=dot_product"], ("ours:", "hf:")),
     (["experiments.bench.score", "--preset=tiny", "--leaves=3", "--children=2", "--min_len=8", "--max_len=16",
       "--step_len=4", "--repeats=1"], ("whole:", "grouped:")),
-], ids=["decode", "decode_xla_defaults", "decode_one_call", "train", "score"])
+], ids=["decode", "decode_xla_defaults", "decode_one_call", "decode_whole_prefill", "train",
+                                        "score"])
 def test_benchmark_prints_both_sides_and_a_ratio(args, sides):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -68,10 +68,10 @@ def test_conflicting_flags_on_a_run_directory_are_refused(tmp_path):
     assert out.returncode != 0 and "[search]" in out.stdout + out.stderr, out.stderr  # pinned, then a stage failed
     out = _round(*common, f"--eval_problems={problems}", f"--base_model={base}", "--rollouts=16",
                  "--progress_every_s=99", "--sft_loss_chunk=256", "--ppm_remat",
-                 "--score_cache_mib=64")  # these may change freely
+                 "--score_cache_mib=64", "--policy_cache_mib=0")  # these may change freely
     assert out.returncode != 0, out.stderr
     assert "--rollouts: saved 8, now 16" in out.stderr, out.stderr
-    assert not [w for w in ("progress_every_s", "loss_chunk", "remat", "score_cache") if w in out.stderr], out.stderr
+    assert not [w for w in ("progress_every_s", "loss_chunk", "remat", "cache_mib") if w in out.stderr], out.stderr
     # Rounds share the base model and the evaluation set: round 2 may not change them.
     _fake_model(tmp_path / "run" / "round_1" / "policy" / "hf")
     other_base, other_eval = _fake_model(tmp_path / "base2"), _problems(tmp_path, "q.jsonl")

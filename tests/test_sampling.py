@@ -228,3 +228,37 @@ def test_concurrent_groups_give_the_same_samples_in_prompt_order(tiny_model):
         Sampler(tiny_model, _decode_fn({}), concurrent_calls=0)
     with pytest.raises(ValueError, match="prompt 2 is empty"):
         two.generate([[1], [2], []])
+
+
+def test_prompts_extending_stored_contexts_prefill_only_their_new_tokens(tiny_model):
+    """A store of the prompts' keys/values (MCTS: a leaf's context extends its parent's): the same samples as
+    whole prefills, while each stored child holds only its own tokens' keys/values."""
+    plain = Sampler(tiny_model, _decode_fn({}))
+    stored = Sampler(tiny_model, _decode_fn({}), cache_mib=1)
+    root, step_a, step_b, step_a1 = _prompts(11, [40, 7, 12, 5])
+    a, b = root + step_a, root + step_b
+    a1 = a + step_a1
+    merged = a[:-1] + [(a[-1] % 63) + 1] + step_a1  # a merge across the boundary changed the parent's last token
+    calls = [([root], ["r"], [None]),  # nothing stored: computed whole, then stored
+             ([a, b, root], ["ra", "rb", "r"], ["r", "r", None]),  # children of r; r itself again (another seed)
+             ([a1, [5], merged, b], ["ra1", "x", "ram", "rb"], ["ra", None, "ra", "r"])]
+    for prompts, texts, parents in calls:
+        want = plain.generate(prompts, n=3, config=SEEDED, seed=1)
+        got = stored.generate(prompts, n=3, config=SEEDED, seed=1, texts=texts, parents=parents)
+        for w, g in zip(want, got):
+            assert [s.token_ids for s in g] == [s.token_ids for s in w]
+            np.testing.assert_allclose([s.logprobs for s in g], [s.logprobs for s in w], atol=1e-5)
+    store = stored.store
+    assert (store.hits, store.misses) == (6, 2)  # misses: r at first, then x; ram found ra but did not extend it
+    entries = store._entries
+    assert set(entries) == {"r", "ra", "rb", "ra1", "x", "ram"}
+    assert entries["ra1"].parent is entries["ra"] and entries["ra"].parent is entries["r"]
+    assert [entries[t].kv.shape[3] for t in ("r", "ra", "rb", "ra1", "x", "ram")] == [40, 7, 12, 5, 1, len(merged)]
+    # Without texts the store is not used; a store too small for anything gives the same samples too.
+    assert stored.generate([a1], n=2, config=SEEDED, seed=1)[0][0].token_ids == want[0][0].token_ids
+    assert store.hits == 6
+    small = Sampler(tiny_model, _decode_fn({}), cache_mib=1e-4)
+    got = small.generate([a1, b], n=3, config=SEEDED, seed=1, texts=["ra1", "rb"], parents=["ra", "r"])
+    assert [s.token_ids for s in got[0]] == [s.token_ids for s in want[0]] and len(small.store) == 0
+    with pytest.raises(ValueError, match="texts and parents must name each of the 2 prompts"):
+        stored.generate([a, b], texts=["ra"])

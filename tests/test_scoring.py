@@ -108,26 +108,3 @@ def test_children_scored_on_stored_contexts_equal_whole_scores():
         np.testing.assert_allclose(got, want, atol=2e-5)
     assert len(tiny.store) == 0 and tiny.store.misses == 3
 
-
-def test_context_store_holds_its_budget_dropping_nodes_before_their_ancestors():
-    from rstar_jax.search.scoring import ContextStore, _Context
-
-    def node(text, tokens, parent=None):  # each node holds `tokens` keys/values of its own
-        return _Context(text, np.zeros(tokens, np.int32), np.zeros((2, 1, 1, tokens, 4), np.float32), parent)
-
-    root = node("r", 10)
-    a, b = node("ra", 10, root), node("rb", 10, root)
-    a1 = node("ra1", 10, a)
-    store = ContextStore(4 * root.nbytes)
-    for e in (root, a, b, a1):
-        store.put(e)
-    assert len(store) == 4 and store.nbytes == 4 * root.nbytes
-    store.put(node("rc", 10, root))  # over budget: "rb" goes, the least recently used (a1's put used ra, r)
-    assert store.get("rb") is None and all(store.get(t) for t in ("r", "ra", "ra1", "rc"))
-    store.put(node("rb1", 10, b))  # its parent is gone: not stored
-    assert store.get("rb1") is None
-    store.put(node("rd", 10, root))  # "ra" is older than "rc", but its child "ra1" goes first
-    assert store.get("ra1") is None and store.get("ra") is a and store.nbytes == 4 * root.nbytes
-    store.put(node("big", 100, root))  # larger than the whole budget: not stored, nothing dropped
-    store.put(node("ra", 5, root))  # already stored: the stored one stays
-    assert store.get("big") is None and store.get("ra") is a and len(store) == 4

@@ -270,6 +270,21 @@ def test_search_on_a_device_mesh_matches_one_device(models, terminal_run, tmp_pa
         assert r.to_dict() == one[r.problem_id]
 
 
+def test_policy_store_gives_the_trees_of_whole_prefills(models, terminal_run, tmp_path):
+    """Expansions prefilling only a leaf's step on its parent's stored policy keys/values (the default) sample
+    exactly what prefilling the leaf's whole prompt and path samples."""
+    out, stats = terminal_run
+    assert stats["stores"]["policy"]["hits"] > stats["stores"]["policy"]["misses"] > 0
+    whole = run_search(SearchConfig(mode="terminal", **SMALL), models["problems"][:2], models["policy"], None,
+                       str(tmp_path), progress=lambda s: None, policy_cache_mib=0)
+    assert "policy" not in whole["stores"]
+    stored = {r.problem_id: r.to_dict() for r in _records(out / "trees.jsonl")}
+    records = _records(tmp_path / "trees.jsonl")
+    assert max(n.depth for r in records for n in r.nodes) >= 3  # expansions of stored (not root) contexts
+    for r in records:
+        assert r.to_dict() == stored[r.problem_id]
+
+
 def test_ppm_search_on_a_device_mesh_scores_whole_texts(models, tmp_path):
     """Policy and PPM sharded over data x tensor: the stored keys/values (host arrays) feed the sharded PPM."""
     run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][2:3], models["policy"], models["ppm"],

@@ -8,6 +8,8 @@
       --new_tokens=128   # the miniature's shapes: our CPU decode options vs XLA's defaults
   python -m experiments.bench.decode --against=one_call --preset=tiny --min_len=64 --max_len=320 \
       --num_prompts=32 --n=4 --new_tokens=72   # an MCTS expansion of the miniature: concurrent groups vs one call
+  python -m experiments.bench.decode --against=whole_prefill --preset=tiny --min_len=100 --max_len=300 \
+      --num_prompts=16 --n=4 --new_tokens=45 --step_len=40   # the miniature's expansion with the policy's store
 
 Workload: prompts of random length in [min_len, max_len], n samples each, `new_tokens` sampled tokens
 (no stop), random weights of a ~50M-parameter Qwen2-shaped fp32 config (or `--preset`'s shapes). Both
@@ -15,7 +17,10 @@ run on JAX's default device: a GPU if JAX has one (PyTorch then uses CUDA too), 
 tokens/s and peak memory of both, our achieved fraction of this machine's measured matmul peak and
 memory bandwidth, and last `ratio=<ours/HF tokens per second>`. `--against` compares with our own sampler
 instead: `xla_defaults` compiled with XLA's default options (`rstar_jax.sampling.CPU_DECODE_COMPILER_OPTIONS`),
-`one_call` running each call as one batch (no concurrent groups: `rstar_jax.sampling.CPU_CONCURRENT_CALLS`).
+`one_call` running each call as one batch (no concurrent groups: `rstar_jax.sampling.CPU_CONCURRENT_CALLS`),
+`whole_prefill` on prompts that each extend a stored parent (a random prompt as above) by `step_len` tokens,
+ours prefilling only those tokens on the parent's stored keys/values (`Sampler(cache_mib=...)`, as MCTS
+expansions do) against the same sampler prefilling every prompt whole.
 """
 from __future__ import annotations
 
@@ -32,14 +37,17 @@ flags.DEFINE_integer("n", 8, "samples per prompt")
 flags.DEFINE_integer("new_tokens", 48, "tokens generated per sample")
 flags.DEFINE_integer("hf_prompts_per_call", 8, "prompts per HF generate call (bounds HF's memory)")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_integer("step_len", 40, "--against=whole_prefill: tokens a prompt adds to its stored parent")
 flags.DEFINE_string("preset", "", "model shapes of this preset (rstar_jax.models.config.PRESETS); default: ~48M")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype of both models")
 flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product", "cudnn"], "our prefill attention")
 # Baselines that are our own sampler with one setting changed: (description, Sampler keyword arguments).
 OUR_BASELINES = {"xla_defaults": ("ours with XLA's default decode options", dict(xla_defaults=True)),
-                 "one_call": ("ours with one batch per call", dict(concurrent_calls=1))}
+                 "one_call": ("ours with one batch per call", dict(concurrent_calls=1)),
+                 "whole_prefill": ("ours prefilling every prompt whole", dict())}
 flags.DEFINE_enum("against", "hf", ["hf", *OUR_BASELINES], "baseline: HF generate, or our sampler with XLA's "
-                  "default decode compiler options, or with every call run as one batch")
+                  "default decode compiler options, or with every call run as one batch, or prefilling prompts "
+                  "whole that ours prefills after their stored parents")
 FLAGS = flags.FLAGS
 
 
@@ -69,17 +77,25 @@ def make_prompts(rng, num, lo, hi, vocab):
     return [rng.integers(1, vocab, int(n)).tolist() for n in rng.integers(lo, hi + 1, num)]
 
 
-def run_ours(model, prompts, n, new_tokens, seed, **sampler_kwargs):
+def run_ours(model, prompts, n, new_tokens, seed, parents=None, **sampler_kwargs):
+    """parents: prompts[i] extends parents[i], prefilled and stored off the clock, so only its rest prefills."""
     from rstar_jax.sampling import Sampler, SamplingConfig
-    sampler = Sampler(model, lambda ids: "", prompt_buckets=(64, 128, 256, 512, 1024), **sampler_kwargs)
+    sampler = Sampler(model, lambda ids: "", prompt_buckets=(64, 128, 256, 512, 1024),
+                      cache_mib=1 << 20 if parents else 0, **sampler_kwargs)
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
-    sampler.generate(prompts[:1], n=n, config=cfg, seed=seed)  # compile the batch-1 shapes off the clock
+    names = {}
+    if parents:
+        names = {"texts": [f"child {i}" for i in range(len(prompts))],
+                 "parents": [f"parent {i}" for i in range(len(prompts))]}
+        sampler.generate(parents, config=SamplingConfig(max_new_tokens=1), texts=names["parents"])
+    first = {k: v[:1] for k, v in names.items()}
+    sampler.generate(prompts[:1], n=n, config=cfg, seed=seed, **first)  # compile the batch-1 shapes off the clock
     warm = time.perf_counter()
-    sampler.generate(prompts, n=n, config=cfg, seed=seed)  # first full-size call compiles
+    sampler.generate(prompts, n=n, config=cfg, seed=seed, **names)  # first full-size call compiles
     compile_s = time.perf_counter() - warm
     with PeakMemory("jax") as mem:
         start = time.perf_counter()
-        out = sampler.generate(prompts, n=n, config=cfg, seed=seed + 1)
+        out = sampler.generate(prompts, n=n, config=cfg, seed=seed + 1, **names)
         seconds = time.perf_counter() - start
     tokens = sum(len(s.token_ids) for per in out for s in per)
     return tokens, seconds, mem.delta_mib, compile_s, sampler.last_timing
@@ -119,7 +135,12 @@ def main(argv):
     device = torch_device()
     rng = np.random.default_rng(FLAGS.seed)
     prompts = make_prompts(rng, FLAGS.num_prompts, FLAGS.min_len, FLAGS.max_len, cfg.vocab_size)
-    print(f"workload: {len(prompts)} prompts of {FLAGS.min_len}-{FLAGS.max_len} tokens, n={FLAGS.n}, "
+    parents = None
+    if FLAGS.against == "whole_prefill":  # each prompt is a stored parent and one step
+        steps = make_prompts(rng, len(prompts), FLAGS.step_len, FLAGS.step_len, cfg.vocab_size)
+        parents, prompts = prompts, [p + s for p, s in zip(prompts, steps)]
+    extends = f" + {FLAGS.step_len} after a stored parent" if parents else ""
+    print(f"workload: {len(prompts)} prompts of {FLAGS.min_len}-{FLAGS.max_len} tokens{extends}, n={FLAGS.n}, "
           f"{FLAGS.new_tokens} new tokens; model {cfg.num_params() / 1e6:.1f}M params {cfg.dtype}; "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} "
           f"({torch.get_num_threads()} threads)", flush=True)
@@ -128,20 +149,23 @@ def main(argv):
           flush=True)
 
     model = Qwen2(cfg, rngs=nnx.Rngs(FLAGS.seed))
-    ours_tokens, ours_s, ours_mem, compile_s, timing = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed)
+    ours_tokens, ours_s, ours_mem, compile_s, timing = run_ours(model, prompts, FLAGS.n, FLAGS.new_tokens, FLAGS.seed,
+                                                                parents)
     ours_tps = ours_tokens / ours_s
     print(f"ours: {ours_tokens} tokens in {ours_s:.2f} s = {ours_tps:.1f} tokens/s; peak memory +{ours_mem:.0f} MiB; "
           f"(compile {compile_s:.1f} s, off the clock; padded rows {timing['batch_rows']} in {timing['groups']} "
           f"concurrent groups, prompt bucket {timing['prompt_bucket']})", flush=True)
 
-    # Model FLOPs actually needed: one prefill per prompt + decode of every sample.
+    # Model FLOPs actually needed: one prefill per prompt (of its tokens after a stored parent) + decode of every
+    # sample.
     params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
     lm_head = cfg.vocab_size * cfg.hidden_size
     prompt_tokens = sum(map(len, prompts))
+    prefilled = prompt_tokens - (sum(map(len, parents)) if parents else 0)
     ctx = np.mean([len(p) for p in prompts]) + FLAGS.new_tokens / 2
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # per token per context position
-    flops = (2 * (params + lm_head) * (prompt_tokens + ours_tokens) + attn * ctx * ours_tokens
-             + attn * np.mean([len(p) for p in prompts]) / 2 * prompt_tokens)
+    flops = (2 * (params + lm_head) * (prefilled + ours_tokens) + attn * ctx * ours_tokens
+             + attn * (np.mean([len(p) for p in prompts]) - prefilled / len(prompts) / 2) * prefilled)
     # Bytes per decode step: all weights once, each prompt's shared KV once, each sample's own KV.
     width = cfg.jnp_dtype.itemsize
     slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * width

@@ -112,14 +112,18 @@ def _sampling(cfg: BaselineConfig, temperature: float, prompt_lengths: Sequence[
 
 
 def _generate(sampler: Sampler, prompts: Sequence[list[int]], n: int, config: SamplingConfig, seed: int,
-              streams: Sequence[int], max_rows: int) -> list[list[Sample]]:
+              streams: Sequence[int], max_rows: int, texts: Sequence[str] | None = None,
+              parents: Sequence[str | None] | None = None) -> list[list[Sample]]:
     """`sampler.generate` over all prompts, split so no call exceeds max_rows rows (results do not depend on
-    the split: each prompt samples from its own stream)."""
+    the split: each prompt samples from its own stream). texts, parents: the prompts' texts and the texts they
+    extend, for a sampler with a store (`Sampler(cache_mib=...)`)."""
+    named = texts is not None and getattr(sampler, "store", None) is not None
     per_call = max(1, max_rows // n)
     out: list[list[Sample]] = []
     for start in range(0, len(prompts), per_call):
-        out.extend(sampler.generate(prompts[start:start + per_call], n=n, config=config, seed=seed,
-                                    prompt_ids=streams[start:start + per_call]))
+        part = slice(start, start + per_call)
+        out.extend(sampler.generate(prompts[part], n=n, config=config, seed=seed, prompt_ids=streams[part],
+                                    **(dict(texts=texts[part], parents=parents[part]) if named else {})))
     return out
 
 
@@ -344,7 +348,9 @@ def step_beam_search(sampler: Sampler, tokenizer, problems: Sequence[Mapping], *
             break
         samples = _generate(sampler, [ids[id(e)] for _, e in entries], cfg.samples_per_beam,
                             _sampling(cfg, cfg.temperature, [len(ids[id(e)]) for _, e in entries]), cfg.seed,
-                            [stream_id(problems[i]["id"], cfg.seed, e.node) for i, e in entries], cfg.max_rows)
+                            [stream_id(problems[i]["id"], cfg.seed, e.node) for i, e in entries], cfg.max_rows,
+                            texts=[prompts[i] + "".join(e.steps) for i, e in entries],
+                            parents=[prompts[i] + "".join(e.steps[:-1]) if e.steps else None for i, e in entries])
 
         # Candidates: answer steps with a \boxed{} answer, and code steps whose program runs (one sandbox
         # call); the rest (no stop tag, no extractable answer, a failed program) is dropped.

@@ -65,6 +65,12 @@ class _Slot:
     def path_text(self, node: int) -> str:
         return "".join(self.path_steps(node))
 
+    def context(self, node: int, parent: bool = False) -> str | None:
+        """The text a node's children extend: prompt + path (of its parent with `parent`; the root's: None)."""
+        if parent:
+            return None if node == 0 else self.context(self.parents[node])
+        return self.prompt + self.path_text(node)
+
     def path_steps(self, node: int) -> list[str]:
         out = []
         while node > 0:
@@ -143,11 +149,12 @@ class SearchDriver:
     def __init__(self, config: SearchConfig, model, tokenizer, *, sandbox: Sandbox, grader: Grader,
                  scorer: Scorer | None = None, mesh=None, progress: Callable[[str], None] = print,
                  progress_every_s: float = 10.0, profile_dir: str | None = None, profile_start: int = -1,
-                 profile_iterations: int = 3):
+                 profile_iterations: int = 3, policy_cache_mib: float = 0):
         if config.uses_ppm and scorer is None:
             raise ValueError(f"mode {config.mode!r} needs a reward model to score steps (scorer)")
         self.config, self.tokenizer, self.sandbox, self.grader, self.scorer = config, tokenizer, sandbox, grader, scorer
-        self.sampler = Sampler.for_steps(model, tokenizer, mesh=mesh)
+        # policy_cache_mib: the policy's keys/values of expanded leaves, so a child's expansion prefills its step only.
+        self.sampler = Sampler.for_steps(model, tokenizer, mesh=mesh, cache_mib=policy_cache_mib)
         self.sampling = SamplingConfig(max_new_tokens=config.max_step_tokens, temperature=config.temperature,
                                        top_p=config.top_p, top_k=config.top_k)
         self.progress, self.progress_every_s = progress, progress_every_s
@@ -216,8 +223,12 @@ class SearchDriver:
                     live = sum(int(rollouts[i]) for i, s in enumerate(slots) if s is not None)
                     self.progress(self._status(done + skipped, total, finished_rollouts + live, now - start))
         self.progress(self._status(done + skipped, total, finished_rollouts, time.perf_counter() - start))
+        stores = {"policy": self.sampler.store, "score": self.scorer.store if self.scorer is not None else None}
         return {"searched": done, "skipped": skipped, "expansions": expansions, "rollouts": finished_rollouts,
-                "seconds": dict(self.times), "wall_s": time.perf_counter() - start}
+                "seconds": dict(self.times), "wall_s": time.perf_counter() - start,
+                # Lookups of stored keys/values (cumulative over this driver's runs).
+                "stores": {k: {"hits": st.hits, "misses": st.misses, "mib": round(st.nbytes / 2 ** 20, 1)}
+                           for k, st in stores.items() if st is not None}}
 
     @contextlib.contextmanager
     def _phase(self, bucket: str, name: str | None = None):
@@ -263,7 +274,7 @@ class SearchDriver:
     def _expand_leaves(self, tree: tr.Tree, leaf: np.ndarray, slots: list[_Slot | None]) -> tr.Tree:
         cfg, n = self.config, self.config.num_candidates
         live = [i for i in range(len(slots)) if leaf[i] >= 0]
-        prompts = {i: slots[i].prompt + slots[i].path_text(int(leaf[i])) for i in live}
+        prompts = {i: slots[i].context(int(leaf[i])) for i in live}
         ids = {i: self.tokenizer.encode(prompts[i], add_special_tokens=False) for i in live}
         # A leaf whose context is used up gets no children and becomes a dead end.
         expandable = [i for i in live if len(ids[i]) < cfg.max_context_tokens]
@@ -274,7 +285,8 @@ class SearchDriver:
                                              cfg.max_context_tokens).items():
                 out = self.sampler.generate(
                     [ids[i] for i in rows], n=n, config=dataclasses.replace(self.sampling, max_new_tokens=budget),
-                    seed=0, prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows])
+                    seed=0, prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows],
+                    texts=[prompts[i] for i in rows], parents=[slots[i].context(int(leaf[i]), parent=True) for i in rows])
                 samples.update(zip(rows, out))
         for i in expandable:
             slots[i].generated_tokens += sum(len(s.token_ids) for s in samples[i])

@@ -1,8 +1,6 @@
 """Batched reward-model scoring of partial solutions (the PPM, or a PQM/ORM of the same shape)."""
 from __future__ import annotations
 
-import collections
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -10,78 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rstar_jax.kv_store import StoredContext, store_for
 from rstar_jax.models.ppm import PPM, search_score
 from rstar_jax.models.qwen2 import KVCache, SharedPrefix, positions_from_mask
-from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, ConcurrentMap, default_concurrent_calls
+from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, STEP_BUCKETS, ConcurrentMap, default_concurrent_calls
 
 BUCKETS = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b >= 64)  # texts: whole prompts + paths
-SUFFIX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Stored contexts are only attended to, so padding them costs little: coarse buckets, fewer programs.
 CONTEXT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-
-
-@dataclasses.dataclass(eq=False)
-class _Context:
-    """A scored text's tokens and the reward model's keys/values of them: of its own last tokens (a node's step)
-    here, of the tokens before in `parent` (its parent node's context), so a node costs only its step."""
-
-    text: str
-    ids: np.ndarray  # [T] int32, the whole text's
-    kv: np.ndarray  # [2, L, G, t, Dh]: keys, values of ids[T - t:]
-    parent: _Context | None = None  # holds ids[:T - t]
-
-    @property
-    def nbytes(self) -> int:
-        return self.ids.nbytes + self.kv.nbytes
-
-    def lineage(self) -> list[_Context]:
-        """This context and its ancestors, the root last."""
-        out = [self]
-        while out[-1].parent is not None:
-            out.append(out[-1].parent)
-        return out
-
-
-class ContextStore:
-    """Keys/values of scored texts on the host, by text, the least recently used dropped past `budget_bytes`.
-
-    An MCTS node's context (prompt + path) ran through the reward model when the node was scored as its
-    parent's child: kept here, scoring the node's own children later runs only their new steps. A node's
-    ancestors are always used more recently than it is, so the one dropped never has a stored descendant
-    that would keep its memory alive: the budget is what is held.
-    """
-
-    def __init__(self, budget_bytes: int):
-        self.budget, self.nbytes, self.hits, self.misses = budget_bytes, 0, 0, 0
-        self._entries: collections.OrderedDict[str, _Context] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, text: str) -> _Context | None:
-        entry = self._entries.get(text)
-        if entry is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-            self._touch(entry)
-        return entry
-
-    def put(self, entry: _Context) -> None:
-        """Stores `entry` unless its text is stored already or its parent is not (dropped, or never kept)."""
-        if entry.parent is not None and self._entries.get(entry.parent.text) is not entry.parent:
-            return
-        if entry.text in self._entries or entry.nbytes > self.budget:
-            return
-        self._entries[entry.text] = entry
-        self.nbytes += entry.nbytes
-        self._touch(entry)
-        while self.nbytes > self.budget:
-            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
-
-    def _touch(self, entry: _Context) -> None:
-        for e in entry.lineage():  # the root ends up the most recently used
-            self._entries.move_to_end(e.text)
 
 
 class Scorer:
@@ -98,7 +32,7 @@ class Scorer:
         threads (default: `default_concurrent_calls()`, 2 on CPU). The batches do not depend on it, so
         neither do the scores, to the bit: a different batch shape could change a score's last bit.
         cache_mib: host memory for the `ContextStore` of `score_children` (0: none, `score_groups` instead)."""
-        self.store = ContextStore(int(cache_mib * 2 ** 20)) if cache_mib > 0 else None
+        self.store = store_for(cache_mib)
         self.graphdef, self.params = nnx.split(model)
         self.encode, self.pad_id, self.max_tokens, self.batch = encode, pad_id, max_tokens, batch
         self.group_rows = group_rows  # continuation rows per `score_groups` forward
@@ -193,7 +127,7 @@ class Scorer:
             chunk = live[start:start + per_call]
             b = 1 << (len(chunk) - 1).bit_length()
             p = _bucket(max(split[k] for k in chunk), BUCKETS)
-            s = _bucket(max(len(t) - split[k] for k in chunk for t in ids[k]), SUFFIX_BUCKETS)
+            s = _bucket(max(len(t) - split[k] for k in chunk for t in ids[k]), STEP_BUCKETS)
             prefix, prefix_mask = np.full((b, p), self.pad_id, np.int32), np.zeros((b, p), bool)
             rest, rest_mask = np.full((b * n, s), self.pad_id, np.int32), np.zeros((b * n, s), bool)
             prefix_mask[len(chunk):, -1] = True  # filler groups: one real token keeps their attention defined
@@ -267,10 +201,10 @@ class Scorer:
                     out[g][j] = values[b * n + r]
                     if keep is None or keep[g][j]:
                         own = own_kv[:, :, b * n + r, :, s - (len(ids) - len(entries[g].ids)):].copy()
-                        self.store.put(_Context(contexts[g] + steps[g][j], ids, own, parent=entries[g]))
+                        self.store.put(StoredContext(contexts[g] + steps[g][j], ids, own, parent=entries[g]))
         return out
 
-    def _contexts(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> list[_Context]:
+    def _contexts(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> list[StoredContext]:
         """Keys/values of each text's tokens `ids`, in batches of `batch` of similar length."""
         order = np.argsort([len(x) for x in ids], kind="stable")
         chunks = [order[i:i + self.batch] for i in range(0, len(ids), self.batch)]
@@ -285,10 +219,10 @@ class Scorer:
         out = [None] * len(ids)
         for chunk, kv in zip(chunks, self._run_all(self._context_kv, batches)):
             for r, i in enumerate(chunk):
-                out[i] = _Context(texts[i], ids[i], kv[:, :, r, :, kv.shape[4] - len(ids[i]):].copy())
+                out[i] = StoredContext(texts[i], ids[i], kv[:, :, r, :, kv.shape[4] - len(ids[i]):].copy())
         return out
 
-    def _continuation_batch(self, contexts: Sequence[_Context], children: Sequence[Sequence[tuple[int, np.ndarray]]],
+    def _continuation_batch(self, contexts: Sequence[StoredContext], children: Sequence[Sequence[tuple[int, np.ndarray]]],
                             n: int) -> tuple[np.ndarray, ...]:
         """`_continue`'s inputs: the contexts' stored keys/values left-padded to a common bucket, and n rows per
         context holding each child's tokens after its context (filler rows and groups padded)."""
@@ -296,7 +230,7 @@ class Scorer:
         b = max(1 << (len(contexts) - 1).bit_length(), 32 // n)
         p = _bucket(max(len(c.ids) for c in contexts), CONTEXT_BUCKETS)
         s = _bucket(max(len(ids) - len(c.ids) for c, kids in zip(contexts, children) for _, ids in kids),
-                    SUFFIX_BUCKETS)
+                    STEP_BUCKETS)
         two, layers, heads, _, head_dim = contexts[0].kv.shape
         prefix_kv = np.zeros((two, layers, b, heads, p, head_dim), contexts[0].kv.dtype)
         prefix_mask = np.zeros((b, p), bool)
@@ -304,10 +238,7 @@ class Scorer:
         rest, rest_mask = np.full((b * n, s), self.pad_id, np.int32), np.zeros((b * n, s), bool)
         for g, (c, kids) in enumerate(zip(contexts, children)):
             t = len(c.ids)
-            end = p
-            for e in c.lineage():  # the context's keys/values, step by step from its end
-                prefix_kv[:, :, g, :, end - e.kv.shape[3]:end] = e.kv
-                end -= e.kv.shape[3]
+            c.write_kv(prefix_kv[:, :, g], p)
             prefix_mask[g, p - t:] = True
             for r, (_, ids) in enumerate(kids):
                 tail = ids[t:]
