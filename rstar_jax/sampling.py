@@ -29,8 +29,9 @@ from rstar_jax.models.qwen2 import KVCache, Qwen2, SharedPrefix, positions_from_
 # batch is ~300 tokens, so 512; measured on a 256-problem miniature search, 105 s -> 66 s).
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
                           2560, 3072, 3584, 4096)
-# Lengths of the tokens a prefill runs after a stored context (a node's step).
-STEP_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Lengths of the tokens a prefill runs after a stored context (a node's step, or a prompt's last token): few,
+# since each (step bucket, prompt bucket, batch) pair is a program to compile.
+STEP_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FINISH_REASONS = ("length", "stop", "eos")  # index = code stored on device
 # XLA:CPU runs a decode step of the miniature on about one core (its ops are too small to split): two
 # calls in two threads, each with half of the prompts, did 1.7x the work per second on 2 cores (same samples).
@@ -261,24 +262,22 @@ class Sampler:
         return self._start(logits, jnp.sum(mask, axis=-1, dtype=jnp.int32), prefix, row_keys, filler, n=n,
                            max_new_tokens=max_new_tokens, segment=segment)
 
-    def _prefill_after_impl(self, params, prefix_kv, prefix_mask, rest, rest_mask, row_keys, filler, *, n: int,
+    def _prefill_after_impl(self, params, context_kv, context_mask, rest, rest_mask, row_keys, filler, *, n: int,
                             max_new_tokens: int, segment: int) -> tuple[DecodeState, jax.Array]:
-        """`_prefill` of prompts whose first tokens' keys/values are given: prefix_kv [2, L, B, G, P, Dh] valid
-        where prefix_mask [B, P], right-aligned; rest, rest_mask: [B, S] the tokens after them, left-padded.
-        The samples share prefix and rest ([B, P + S] slots). Also returns the rest's keys/values
-        [2, L, B, G, S, Dh]."""
+        """`_prefill` of prompts whose first tokens' keys/values are given: context_kv [2, L, B, G, W, Dh] holds
+        them right-aligned before the last S slots, valid where context_mask [B, W]; rest, rest_mask [B, S] are
+        the tokens after them, left-padded, run into the last S slots as into a decode cache. The samples share
+        all W slots. Also returns the rest's keys/values [2, L, B, G, S, Dh]."""
         model = nnx.merge(self.graphdef, params)
-        b, s = rest.shape
-        stored = SharedPrefix(k=tuple(prefix_kv[0]), v=tuple(prefix_kv[1]), valid=prefix_mask)
-        start = jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32)  # [B] the rest's first position
-        hidden, cache = model(rest, start[:, None] + positions_from_mask(rest_mask), rest_mask,
-                              KVCache.zeros(self.config, b, s).replace(prefix=stored))
-        cat = lambda a, c: tuple(jnp.concatenate([x, y], axis=2) for x, y in zip(a, c))  # along the slots
-        prefix = SharedPrefix(k=cat(stored.k, cache.k), v=cat(stored.v, cache.v),
-                              valid=jnp.concatenate([prefix_mask, rest_mask], axis=1))
+        s, w = rest.shape[1], context_mask.shape[1]
+        cache = KVCache(k=tuple(context_kv[0]), v=tuple(context_kv[1]), valid=context_mask, index=jnp.int32(w - s))
+        start = jnp.sum(context_mask, axis=-1, dtype=jnp.int32)  # [B] the rest's first position
+        hidden, cache = model(rest, start[:, None] + positions_from_mask(rest_mask), rest_mask, cache)
+        prefix = SharedPrefix(k=cache.k, v=cache.v, valid=cache.valid)
         state = self._start(model.logits(hidden[:, -1]), start + jnp.sum(rest_mask, axis=-1, dtype=jnp.int32),
                             prefix, row_keys, filler, n=n, max_new_tokens=max_new_tokens, segment=segment)
-        return state, jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)])
+        own = lambda layers: jnp.stack([x[:, :, w - s:] for x in layers])
+        return state, jnp.stack([own(cache.k), own(cache.v)])
 
     def _context_kv_impl(self, params, tokens, mask):
         """tokens, mask: [B, P] left-padded -> their keys/values [2, L, B, G, P, Dh]."""
@@ -449,27 +448,27 @@ class Sampler:
             return np.asarray(self._context_kv(self.params, tokens, mask))
 
     def _pad_after(self, prompts, reuse: Sequence[_Reuse]) -> tuple[np.ndarray, ...]:
-        """`_prefill_after`'s inputs: each prompt's first k tokens' keys/values right-aligned in P slots, its other
-        tokens left-padded in S; P + S is a prompt bucket, so decode programs are those of `_prefill`."""
+        """`_prefill_after`'s inputs: each prompt's first k tokens' keys/values right-aligned in the first W - S
+        slots, its other tokens left-padded in S; W is a prompt bucket, so decode programs are those of
+        `_prefill`."""
         rest = max(len(p) - r.k for p, r in zip(prompts, reuse))
         s = next((b for b in STEP_BUCKETS if b >= rest), rest)
         need = max(r.k for r in reuse) + s
-        p = next((b for b in self.prompt_buckets if b >= need), -(-need // 256) * 256) - s
-        rows = self._batch_rows(len(prompts))
-        c = self.config
-        prefix_kv = np.zeros((2, c.num_layers, rows, c.num_kv_heads, p, c.head_dim), c.jnp_dtype)
-        prefix_mask = np.zeros((rows, p), bool)
-        rest, rest_mask = np.full((rows, s), self.pad_id, np.int32), np.zeros((rows, s), bool)
+        w = next((b for b in self.prompt_buckets if b >= need), -(-need // 256) * 256)
+        rows, p, c = self._batch_rows(len(prompts)), w - s, self.config
+        context_kv = np.zeros((2, c.num_layers, rows, c.num_kv_heads, w, c.head_dim), c.jnp_dtype)
+        context_mask = np.zeros((rows, w), bool)
+        tokens, mask = np.full((rows, s), self.pad_id, np.int32), np.zeros((rows, s), bool)
         for i, (prompt, r) in enumerate(zip(prompts, reuse)):
             if r.entry is not None:
-                r.entry.write_kv(prefix_kv[:, :, i], p, length=r.k)
+                r.entry.write_kv(context_kv[:, :, i], p, length=r.k)
             elif r.k:
-                prefix_kv[:, :, i, :, p - r.k:] = r.kv
-            prefix_mask[i, p - r.k:] = True
+                context_kv[:, :, i, :, p - r.k:p] = r.kv
+            context_mask[i, p - r.k:p] = True
             tail = prompt[r.k:]
-            rest[i, s - len(tail):], rest_mask[i, s - len(tail):] = tail, True
-        rest_mask[len(prompts):, -1] = True  # filler rows: one real token so their attention is well-defined
-        return prefix_kv, prefix_mask, rest, rest_mask
+            tokens[i, s - len(tail):], mask[i, s - len(tail):] = tail, True
+        mask[len(prompts):, -1] = True  # filler rows: one real token so their attention is well-defined
+        return context_kv, context_mask, tokens, mask
 
     def _store_prompt(self, text: str, ids: np.ndarray, reuse: _Reuse, own_kv: np.ndarray) -> None:
         """Stores the prompt's keys/values: own_kv [2, L, G, len(ids) - k, Dh] after its reused beginning."""
@@ -489,7 +488,7 @@ class Sampler:
             rows, width = tokens.shape
         else:
             after = self._pad_after(prompts, reuse)
-            rows, width = after[0].shape[2], after[1].shape[1] + after[2].shape[1]
+            rows, width = after[1].shape
         keys = self._row_keys(seed, prompt_ids, n, rows * n)
         filler = np.arange(rows) >= len(prompts)
         ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()

@@ -1,10 +1,20 @@
-"""Test setup: 8 fake CPU devices for sharding tests, absl flags kept away from pytest's argv, and the number of
-parallel test processes."""
+"""Test setup: 8 fake CPU devices for sharding tests, absl flags kept away from pytest's argv, the number of
+parallel test processes, and one XLA compilation cache for the session."""
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests build the same tiny models in many processes (test workers, the programs they start): each
+# program is compiled once per session and read from this cache after. Set here, in the main process, so
+# the workers and their subprocesses inherit it; removed when the session ends.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rstar-jax-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 from absl import flags  # noqa: E402
 
@@ -13,6 +23,11 @@ if not flags.FLAGS.is_parsed():
 
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the main process, which made it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):

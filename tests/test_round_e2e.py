@@ -51,8 +51,10 @@ def _flags(root) -> list[str]:
 
 
 def _env(**env_vars):
-    """The environment without the suite's 8 fake devices: each stage process sees one."""
-    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env_vars}
+    """The environment without the suite's 8 fake devices (each stage process sees one) and without its
+    compilation cache (a round keeps its own in the run directory)."""
+    dropped = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+    return {**{k: v for k, v in os.environ.items() if k not in dropped}, **env_vars}
 
 
 def _run(cmd, **env_vars):

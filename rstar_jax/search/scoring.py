@@ -11,9 +11,10 @@ from flax import nnx
 from rstar_jax.kv_store import StoredContext, store_for
 from rstar_jax.models.ppm import PPM, search_score
 from rstar_jax.models.qwen2 import KVCache, SharedPrefix, positions_from_mask
-from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, STEP_BUCKETS, ConcurrentMap, default_concurrent_calls
+from rstar_jax.sampling import DEFAULT_PROMPT_BUCKETS, ConcurrentMap, default_concurrent_calls
 
 BUCKETS = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b >= 64)  # texts: whole prompts + paths
+SUFFIX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Stored contexts are only attended to, so padding them costs little: coarse buckets, fewer programs.
 CONTEXT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -127,7 +128,7 @@ class Scorer:
             chunk = live[start:start + per_call]
             b = 1 << (len(chunk) - 1).bit_length()
             p = _bucket(max(split[k] for k in chunk), BUCKETS)
-            s = _bucket(max(len(t) - split[k] for k in chunk for t in ids[k]), STEP_BUCKETS)
+            s = _bucket(max(len(t) - split[k] for k in chunk for t in ids[k]), SUFFIX_BUCKETS)
             prefix, prefix_mask = np.full((b, p), self.pad_id, np.int32), np.zeros((b, p), bool)
             rest, rest_mask = np.full((b * n, s), self.pad_id, np.int32), np.zeros((b * n, s), bool)
             prefix_mask[len(chunk):, -1] = True  # filler groups: one real token keeps their attention defined
@@ -230,7 +231,7 @@ class Scorer:
         b = max(1 << (len(contexts) - 1).bit_length(), 32 // n)
         p = _bucket(max(len(c.ids) for c in contexts), CONTEXT_BUCKETS)
         s = _bucket(max(len(ids) - len(c.ids) for c, kids in zip(contexts, children) for _, ids in kids),
-                    STEP_BUCKETS)
+                    SUFFIX_BUCKETS)
         two, layers, heads, _, head_dim = contexts[0].kv.shape
         prefix_kv = np.zeros((two, layers, b, heads, p, head_dim), contexts[0].kv.dtype)
         prefix_mask = np.zeros((b, p), bool)
