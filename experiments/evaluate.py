@@ -40,7 +40,7 @@ def define_flags() -> None:
         flags.adopt_module_key_flags(module)
     flags.DEFINE_string("problems", None, "problem set: JSONL/JSON file or tfds:<name>")
     flags.DEFINE_string("set_name", None, "name of the set in the report (default: from --problems)")
-    flags.DEFINE_integer("limit", 0, "evaluate the first N problems (0 = all)")
+    flags.DEFINE_integer("limit", 0, "evaluate the first N problems (0 = all)", lower_bound=0)
     flags.DEFINE_string("policy", None, "policy: HF directory")
     flags.DEFINE_string("reward_model", None, "PPM / ORM HF directory (best_of_n, beam, mcts)")
     flags.DEFINE_list("methods", ["greedy", "majority", "mcts"], f"any of {', '.join(METHODS)}")

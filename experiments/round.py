@@ -53,7 +53,7 @@ def define_flags() -> None:
     flags.DEFINE_string("problems", "miniature", "training pool: JSONL/JSON file, tfds:<name>, or miniature")
     flags.DEFINE_string("eval_problems", "miniature", "evaluation problems (with an optional 'difficulty' field): "
                         "JSONL/JSON file, tfds:<name>, or miniature")
-    flags.DEFINE_integer("limit", 0, "use the first N pool problems (0 = all)")
+    flags.DEFINE_integer("limit", 0, "use the first N pool problems (0 = all)", lower_bound=0)
     flags.DEFINE_string("base_model", "miniature", "HF directory of the base model (SFT starts from it every "
                         "round), or miniature")
     flags.DEFINE_string("policy", None, "search policy (HF dir); default: the previous round's, round 1: the base")
@@ -61,24 +61,33 @@ def define_flags() -> None:
     flags.DEFINE_list("reward_models", ["ppm"], "reward models trained each round, from the round's policy (round 1: "
                       "the base model) with the --ppm_* settings: ppm (always), and for the paper's ablations pqm "
                       "(Q-value regression) and orm (outcome), into round_<k>/pqm and round_<k>/orm")
-    flags.DEFINE_integer("miniature_pool", 256, "miniature: training pool size")
-    flags.DEFINE_integer("miniature_eval_per_difficulty", 20, "miniature: evaluation problems per difficulty")
-    flags.DEFINE_integer("miniature_teacher_solutions", 20000, "miniature: noisy-teacher solutions for the base")
+    flags.DEFINE_integer("miniature_pool", 256, "miniature: training pool size", lower_bound=1)
+    flags.DEFINE_integer("miniature_eval_per_difficulty", 20, "miniature: evaluation problems per difficulty",
+                         lower_bound=1)
+    flags.DEFINE_integer("miniature_teacher_solutions", 20000, "miniature: noisy-teacher solutions for the base",
+                         lower_bound=1)
     flags.DEFINE_list("miniature_eval_difficulties", [str(d) for d in range(1, 8)],
                       "miniature: difficulties (operations, 1..7) of the evaluation sets")
+    flags.register_validator("miniature_eval_difficulties",
+                             lambda v: bool(v) and all(d.strip() in {str(x) for x in range(1, 8)} for d in v),
+                             "--miniature_eval_difficulties must be one or more of 1..7")
     # Many small steps: copying the question's numbers into the code appears after thousands of updates
     # whatever the batch size (64 x 400 steps learns nothing of it), and a CPU step costs about its tokens.
-    flags.DEFINE_integer("miniature_base_steps", 3000, "miniature: SFT steps of the base model")
-    flags.DEFINE_integer("miniature_base_batch_size", 4, "miniature: rows per SFT step of the base model")
+    flags.DEFINE_integer("miniature_base_steps", 3000, "miniature: SFT steps of the base model", lower_bound=1)
+    flags.DEFINE_integer("miniature_base_batch_size", 4, "miniature: rows per SFT step of the base model",
+                         lower_bound=1)
     flags.DEFINE_float("miniature_base_learning_rate", 1e-3, "miniature: peak learning rate of the base model")
+    flags.register_validator("miniature_base_learning_rate", lambda v: v > 0,
+                             "--miniature_base_learning_rate must be positive")
     flags.DEFINE_integer("miniature_seed", 0, "miniature: seed of the problems, the teacher and the base model")
-    flags.DEFINE_integer("eval_max_problems", 0, "evaluate on at most N problems (0 = all)")
+    flags.DEFINE_integer("eval_max_problems", 0, "evaluate on at most N problems (0 = all)", lower_bound=0)
     flags.DEFINE_list("eval_methods", ["greedy"], "evaluation of the round's policy (the base model: its greedy and "
                       "majority only): greedy, majority, best_of_n, beam, mcts (with the round's PPM)")
     flags.DEFINE_list("eval_ns", ["1"], "evaluation N: samples (majority, best_of_n) and searches (mcts)")
-    flags.DEFINE_integer("eval_num_candidates", 0, "evaluation MCTS candidates per step (0 = --num_candidates)")
-    flags.DEFINE_integer("eval_rollouts", 0, "evaluation MCTS rollouts per search (0 = --rollouts)")
-    flags.DEFINE_float("progress_every_s", 30.0, "seconds between search progress lines")
+    flags.DEFINE_integer("eval_num_candidates", 0, "evaluation MCTS candidates per step (0 = --num_candidates)",
+                         lower_bound=0)
+    flags.DEFINE_integer("eval_rollouts", 0, "evaluation MCTS rollouts per search (0 = --rollouts)", lower_bound=0)
+    flags.DEFINE_float("progress_every_s", 30.0, "seconds between search progress lines", lower_bound=0)
     flags.DEFINE_bool("profile", False, "profiler traces of search iterations 2-4 (round_<k>/search/profile) and of "
                       "training steps 2-4 (round_<k>/{policy,ppm}/profile), unless their own flags say otherwise")
     flags.DEFINE_bool("dry_run", False, "print the per-device memory plan of search and training on the target "
@@ -171,8 +180,9 @@ def round_report(run_dir: str, k: int) -> str:
     from rstar_jax.eval import plots
     rounds = [stages.load_done(os.path.join(run_dir, "base_eval"))] + [
         stages.load_done(os.path.join(run_dir, f"round_{j}", "eval")) for j in range(1, k + 1)]
-    coverage = [None] + [stages.load_done(os.path.join(run_dir, f"round_{j}", "search")).get("coverage_by_difficulty")
-                         for j in range(1, k + 1)]
+    # A round started from given models (--policy, --ppm) may have no earlier rounds in this run directory.
+    coverage = [None] + [(stages.load_done(os.path.join(run_dir, f"round_{j}", "search")) or {}).get(
+        "coverage_by_difficulty") for j in range(1, k + 1)]
     methods = list(dict.fromkeys(r["method"] for summary in rounds if summary for r in summary["rows"]))
     series = {m: [_best(s["rows"], m) if s else None for s in rounds] for m in methods}
     out_dir = os.path.join(run_dir, f"round_{k}", "eval")
@@ -278,19 +288,38 @@ def check_inputs() -> RoundInputs:
     return RoundInputs(k, run_dir, base, policy, ppm, config, problems, eval_problems)
 
 
+def _unpinned_flags(names, here: str) -> set[str]:
+    """The round's flags whose stages have not run yet, so a corrected value is taken: the search's (and the
+    models and problems it searches) until it starts, as its trees resume by search settings alone; a training
+    stage's and the evaluation's until they are complete, as they refuse or redo work of other settings."""
+    search = {f.name for f in FLAGS.get_flags_for_module("experiments.search_flags")} | {
+        "problems", "limit", "policy", "ppm"}
+    open_ = set()
+    if not os.path.exists(os.path.join(here, "search")):
+        open_ |= search
+    if not stages.is_done(os.path.join(here, "policy")):
+        open_ |= {n for n in names if n.startswith("sft_")}
+    if not any(stages.is_done(os.path.join(here, m)) for m in REWARD_MODELS):
+        open_ |= {n for n in names if n.startswith("ppm_")} | {"reward_models"}
+    if not stages.is_done(os.path.join(here, "eval")):
+        open_ |= {n for n in names if n.startswith("eval_")} - {"eval_problems", "eval_max_problems"}
+    return open_
+
+
 def pin_round_flags() -> None:
     """Save the flags in the run directory, or refuse flags that differ from the saved ones: per round every
-    result-shaping flag, and for the whole run what every round must share (the base model, the evaluation
-    set, the miniature's data)."""
+    result-shaping flag once its stage has run, and for the whole run what every round must share (the base
+    model, the evaluation set, the miniature's data)."""
     ours = {name: FLAGS[name].value for module in ("experiments.round", "experiments.search_flags",
                                                    "experiments.train_common", "__main__")
             for name in (f.name for f in FLAGS.get_flags_for_module(module))}
     shared = {name: ours[name] for name in ("base_model", "eval_problems", "eval_max_problems")}
     if "miniature" in (FLAGS.problems, FLAGS.eval_problems, FLAGS.base_model):
         shared.update({name: value for name, value in ours.items() if name.startswith("miniature_")})
+    here = os.path.join(FLAGS.run_dir, f"round_{FLAGS.round}")
     try:
         stages.pin_flags(FLAGS.run_dir, shared)
-        stages.pin_flags(os.path.join(FLAGS.run_dir, f"round_{FLAGS.round}"), ours, ignore=_FREE_FLAGS)
+        stages.pin_flags(here, ours, ignore=_FREE_FLAGS, unpinned=_unpinned_flags(ours, here))
     except stages.FlagConflictError as e:
         _fail(str(e))
 
@@ -321,8 +350,8 @@ def run_round(inputs: RoundInputs) -> dict:
         if not stages.agree(stages.is_primary() and stats["extracted"]["sft"]):
             # The trees stay on disk; rerunning after a fix skips the problems already searched.
             _fail(f"round {k}'s search solved none of the {len(problems)} pool problems (no correct trajectory, so "
-                  f"no training data): use a stronger --policy, more --rollouts / --max_rollouts_unsolved, or "
-                  f"easier --problems; trees in {d}")
+                  f"no training data); its trees are in {d}. Remove that directory and rerun with a stronger "
+                  f"--policy, more --rollouts / --max_rollouts_unsolved, or easier --problems")
         return stats
 
     search = stages.run_stage("search", os.path.join(here, "search"), search_stage)
@@ -337,8 +366,8 @@ def run_round(inputs: RoundInputs) -> dict:
     if not stages.agree(stages.is_primary() and search["extracted"]["pairs"] > 0):
         _fail(f"round {k}'s search yielded no preference pairs ({pairs} is empty: no step had both a child "
               f"leading to a correct answer and one leading to a wrong one), so there is no PPM to train; the "
-              f"policy is saved in {os.path.join(here, 'policy')}. Use more --rollouts / --num_candidates, more "
-              f"--problems, or a lower --min_margin")
+              f"policy is saved in {os.path.join(here, 'policy')}. Remove {here} and rerun the round with more "
+              f"--rollouts / --num_candidates, more --problems, or a lower --min_margin")
     reward_init = os.path.join(here, "policy", "hf") if k > 1 else base  # RSTAR.md section 6: round 1 from the base
     for name in sorted(set(FLAGS.reward_models), key=REWARD_MODELS.index):  # the PPM first: later stages need it
         records = pairs if name == "ppm" else os.path.join(extracted, f"{name}.jsonl")

@@ -103,8 +103,12 @@ def search_mesh_shape() -> tuple[int, int, int]:
 
 
 def search_config(**overrides) -> SearchConfig:
+    """SearchConfig from the flags; a bad value raises ValueError naming the flag."""
     values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(SearchConfig)}
-    return SearchConfig(**{**values, **overrides})
+    try:
+        return SearchConfig(**{**values, **overrides})
+    except ValueError as e:  # its messages start with the field's name, which is the flag's
+        raise ValueError(f"--{e}") from None
 
 
 def extract_config() -> ExtractConfig:

@@ -18,7 +18,11 @@ from experiments.usage import check_usage
 
 def main(argv):
     check_usage(argv)
-    train_common.run_training("sft", train_common.config_from_flags())
+    try:
+        cfg = train_common.config_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    train_common.run_training("sft", cfg)
 
 
 if __name__ == "__main__":

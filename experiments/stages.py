@@ -42,8 +42,9 @@ def write_json_atomic(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def pin_flags(run_dir: str, values: dict, ignore: Iterable[str] = ()) -> None:
-    """Save `values` (flag name -> value) in run_dir/flags.json, or check them against the saved ones."""
+def pin_flags(run_dir: str, values: dict, ignore: Iterable[str] = (), unpinned: Iterable[str] = ()) -> None:
+    """Save `values` (flag name -> value) in run_dir/flags.json, or check them against the saved ones: flags in
+    `ignore` may differ; those in `unpinned` (whose stages have not run yet) may differ and are saved anew."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "flags.json")
     values = json.loads(json.dumps(values, default=str))  # the form they take on disk
@@ -52,12 +53,15 @@ def pin_flags(run_dir: str, values: dict, ignore: Iterable[str] = ()) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    ignore = set(ignore)
+    ignore, unpinned = set(ignore), set(unpinned)
     diffs = [f"--{k}: saved {saved.get(k)!r}, now {values.get(k)!r}" for k in sorted(set(saved) | set(values))
-             if k not in ignore and saved.get(k) != values.get(k)]
+             if k not in ignore | unpinned and saved.get(k) != values.get(k)]
     if diffs:
         raise FlagConflictError(f"{path}: this run directory was started with other settings; use a new "
                                 f"--run_dir or the same flags:\n  " + "\n  ".join(diffs))
+    changed = {k: values[k] for k in unpinned if k in values and saved.get(k) != values[k]}
+    if changed:
+        write_json_atomic(path, {**saved, **changed})
 
 
 def use_compilation_cache(run_dir: str) -> None:

@@ -18,6 +18,25 @@ from absl import flags
 from experiments import multihost
 from rstar_jax.models.config import ATTENTION_IMPLS
 
+_AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+
+
+def _mesh_ok(sizes) -> bool:
+    """3 axis sizes, each >= 1 or -1 (the rest), at most one -1."""
+    try:
+        values = [int(v) for v in sizes]
+    except ValueError:
+        return False
+    return len(values) == 3 and all(v >= 1 or v == -1 for v in values) and values.count(-1) <= 1
+
+
+def _buckets_ok(lengths) -> bool:
+    try:
+        return all(int(v) >= 1 for v in lengths)
+    except ValueError:
+        return False
+
+
 def _field(default, help_text: str, kind: str | None = None, choices: Sequence[str] | None = None,
            reward_only: bool = False, policy_only: bool = False, check: tuple[Callable, str] | None = None):
     """check: (predicate, what a value must be), validated when the flags are parsed."""
@@ -35,13 +54,14 @@ class TrainStageConfig:
     eval_records: tuple = _field((), "JSONL held-out records; default: --holdout_fraction of the train set")
     holdout_fraction: float | None = _field(None, "fraction of the train records held out for evaluation when "
                                             "--eval_records is not given (default: 0 for SFT, 0.05 for reward "
-                                            "models)", "float")
+                                            "models)", "float",
+                                            check=(lambda v: v is None or 0 <= v < 1, "in [0, 1)"))
     out_dir: str | None = _field(None, "run directory (checkpoints, TensorBoard, HF export)", "string")
     init_hf_dir: str | None = _field(None, "HF Qwen2 directory to start from (SFT: the base model; reward models: "
                                      "the round's policy, value head added fresh if absent)", "string")
     preset: str | None = _field(None, "random-init model preset instead of --init_hf_dir (e.g. tiny)", "string")
     tokenizer_dir: str | None = _field(None, "tokenizer directory (default: --init_hf_dir)", "string")
-    max_len: int = _field(2048, "longest token sequence (prompt + response)")
+    max_len: int = _field(2048, "longest token sequence (prompt + response)", check=_AT_LEAST_1)
     overlength: str = _field("error", "a record over --max_len: refuse with an error naming file:line, or "
                              "truncate it and count", "enum", ("error", "truncate"))
     batch_size: int = _field(128, "global rows per optimizer step")
@@ -52,8 +72,8 @@ class TrainStageConfig:
     schedule: str = _field("linear", "decay after warmup", "enum", ("linear", "cosine", "constant"))
     warmup_steps: int = _field(0, "linear warmup steps")
     end_lr_fraction: float = _field(0.0, "final learning rate as a fraction of the peak")
-    weight_decay: float = _field(0.1, "AdamW decoupled weight decay (not on biases and norms)")
-    max_grad_norm: float = _field(1.0, "global gradient-norm clipping (0: off)")
+    weight_decay: float = _field(0.1, "AdamW decoupled weight decay (not on biases and norms)", check=_AT_LEAST_0)
+    max_grad_norm: float = _field(1.0, "global gradient-norm clipping (0: off)", check=_AT_LEAST_0)
     compute_dtype: str = _field("float32", "forward/backward dtype (master parameters and optimizer state stay "
                                 "fp32)", "enum", ("float32", "bfloat16"))
     attention_impl: str = _field("xla", "attention kernel: xla (einsum), dot_product (jax.nn.dot_product_attention), "
@@ -64,18 +84,20 @@ class TrainStageConfig:
     remat: bool = _field(False, "recompute each decoder layer in the backward pass (saves memory)")
     loss_chunk: int = _field(0, "positions per pass through the LM head, its logits recomputed in the backward "
                              "pass, so the [batch, seq, vocab] logits are never held whole (0: all at once)",
-                             policy_only=True, check=(lambda v: v >= 0, ">= 0"))
-    mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)")
+                             policy_only=True, check=_AT_LEAST_0)
+    mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)",
+                         check=(_mesh_ok, "3 sizes, each >= 1 or -1 (at most one -1: the rest)"))
     seed: int = _field(0, "data order and fresh-init seed")
-    length_buckets: tuple = _field((), "padded lengths (default: powers of two from 64, and --max_len)")
-    checkpoint_every: int = _field(200, "save every N steps (and always at the end)")
-    keep_checkpoints: int = _field(3, "checkpoints kept")
-    log_every: int = _field(10, "log metrics every N steps")
-    eval_every: int = _field(0, "evaluate the held-out set every N steps (0: at the end only)")
+    length_buckets: tuple = _field((), "padded lengths (default: powers of two from 64, and --max_len)",
+                                   check=(_buckets_ok, "positive integers"))
+    checkpoint_every: int = _field(200, "save every N steps (and always at the end)", check=_AT_LEAST_1)
+    keep_checkpoints: int = _field(3, "checkpoints kept", check=_AT_LEAST_1)
+    log_every: int = _field(10, "log metrics every N steps", check=_AT_LEAST_1)
+    eval_every: int = _field(0, "evaluate the held-out set every N steps (0: at the end only)", check=_AT_LEAST_0)
     profile_start: int = _field(-1, "capture a jax.profiler trace from this step (process 0)")
-    profile_steps: int = _field(3, "steps in the profiler trace")
+    profile_steps: int = _field(3, "steps in the profiler trace", check=_AT_LEAST_1)
     peak_flops: float = _field(0.0, "per-device peak FLOP/s for the MFU figure (e.g. 989e12 for an H100's bf16); "
-                               "0: measure a matmul at start")
+                               "0: measure a matmul at start", check=_AT_LEAST_0)
     skip_export: bool = _field(False, "do not write the HF export at the end")
 
 
@@ -99,13 +121,36 @@ def define_flags(prefix: str = "", reward: bool = True) -> None:
 
 
 def config_from_flags(prefix: str = "", **overrides) -> TrainStageConfig:
+    """The stage's settings from `--<prefix>*`, checked as a whole (ValueError naming the flag)."""
     values = {}
     for field in dataclasses.fields(TrainStageConfig):
         if prefix + field.name not in flags.FLAGS:  # e.g. a reward-model-only setting of an SFT stage
             continue
         value = flags.FLAGS[prefix + field.name].value
         values[field.name] = tuple(value or ()) if field.metadata["kind"] == "list" else value
-    return TrainStageConfig(**{**values, **overrides})
+    cfg = TrainStageConfig(**{**values, **overrides})
+    stage_configs(cfg, prefix)
+    return cfg
+
+
+def stage_configs(cfg: TrainStageConfig, prefix: str = ""):
+    """(BatchConfig, TrainConfig, OptimConfig) of a stage. Their checks of settings that only make sense together
+    (the batch and its microbatches, epochs or steps, the schedule) raise ValueError naming the flag."""
+    from rstar_jax.train.batching import BatchConfig
+    from rstar_jax.train.optim import OptimConfig
+    from rstar_jax.train.trainer import TrainConfig
+    try:
+        return (BatchConfig(batch_size=cfg.batch_size, microbatches=cfg.microbatches, seed=cfg.seed,
+                            length_buckets=tuple(int(b) for b in cfg.length_buckets) or None),
+                TrainConfig(epochs=cfg.epochs, max_steps=cfg.max_steps, compute_dtype=cfg.compute_dtype,
+                            remat=cfg.remat, log_every=cfg.log_every, eval_every=cfg.eval_every,
+                            profile_start=cfg.profile_start, profile_steps=cfg.profile_steps,
+                            profile_dir=cfg.out_dir and os.path.join(cfg.out_dir, "profile"), seed=cfg.seed),
+                OptimConfig(learning_rate=cfg.learning_rate, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                            end_lr_fraction=cfg.end_lr_fraction, weight_decay=cfg.weight_decay,
+                            max_grad_norm=cfg.max_grad_norm))
+    except ValueError as e:  # their messages start with the field's name, the flag's after the prefix
+        raise ValueError(f"--{prefix}{e}") from None
 
 
 def _require(value, name: str, why: str):
@@ -147,10 +192,9 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     from rstar_jax.train.checkpoint import Checkpointer
     from rstar_jax.train.loop import fit
     from rstar_jax.train.metrics import MetricsWriter, measure_peak_flops
-    from rstar_jax.train.optim import OptimConfig
     from rstar_jax.train.records import holdout_split, read_records
     from rstar_jax.train.tasks import TASKS
-    from rstar_jax.train.trainer import Trainer, TrainConfig
+    from rstar_jax.train.trainer import Trainer
 
     from absl import logging as absl_logging
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
@@ -187,18 +231,9 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
           f"({stats.truncated} truncated, {stats.dropped} dropped at max_len={cfg.max_len}), "
           f"{len(eval_records)} held out", flush=True)
 
-    buckets = tuple(int(b) for b in cfg.length_buckets) if cfg.length_buckets else None
-    batch_cfg = BatchConfig(batch_size=cfg.batch_size, microbatches=cfg.microbatches, seed=cfg.seed,
-                            length_buckets=buckets)
+    batch_cfg, train_cfg, optim = stage_configs(cfg)
     batches = BatchIterator(examples, task, batch_cfg, process_index=jax.process_index(),
                             process_count=jax.process_count())
-    train_cfg = TrainConfig(epochs=cfg.epochs, max_steps=cfg.max_steps, compute_dtype=cfg.compute_dtype,
-                            remat=cfg.remat, log_every=cfg.log_every, eval_every=cfg.eval_every,
-                            profile_start=cfg.profile_start, profile_steps=cfg.profile_steps,
-                            profile_dir=os.path.join(out, "profile"), seed=cfg.seed)
-    optim = OptimConfig(learning_rate=cfg.learning_rate, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                        end_lr_fraction=cfg.end_lr_fraction, weight_decay=cfg.weight_decay,
-                        max_grad_norm=cfg.max_grad_norm)
     total = train_cfg.total_steps(batches.plan.batches_per_epoch)
     model = _model(task_name, cfg, tokenizer, mesh)
     print(f"model: {model.config.num_params() / 1e6:.2f}M params; {total} steps of {cfg.batch_size} rows "
@@ -225,7 +260,7 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     if eval_records:
         eval_examples, _ = task.tokenize(eval_records)
         eval_cfg = BatchConfig(batch_size=cfg.batch_size // cfg.microbatches, seed=cfg.seed, shuffle=False,
-                               length_buckets=buckets)
+                               length_buckets=batch_cfg.length_buckets)
         eval_fn = lambda: _one_epoch(BatchIterator(eval_examples, task, eval_cfg, process_index=jax.process_index(),
                                                    process_count=jax.process_count()))
     peak = cfg.peak_flops or measure_peak_flops(cfg.compute_dtype)

@@ -38,7 +38,15 @@ def test_bad_flags_and_missing_inputs_are_refused_before_anything_is_written(tmp
     out = _round(*common, f"--base_model={base}", "--round=3", "--mode=ppm", f"--policy={base}")
     assert out.returncode != 0 and "round_2/ppm/hf does not exist" in out.stderr, out.stderr
     out = _round(*common, f"--base_model={base}", "--rollouts=0")
-    assert out.returncode != 0 and "bad flag value: rollouts must be >= 1, got 0" in out.stderr, out.stderr
+    assert out.returncode != 0 and "bad flag value: --rollouts must be >= 1, got 0" in out.stderr, out.stderr
+    for flag, message in (("--sft_learning_rate=-1", "--sft_learning_rate=-1.0 must be positive"),
+                          ("--ppm_batch_size=0", "--ppm_batch_size=0 must be a positive multiple"),
+                          ("--sft_mesh=1,1", "--sft_mesh must be 3 sizes"),
+                          ("--temperature=-1", "--temperature must be >= 0"),
+                          ("--miniature_eval_difficulties=9", "--miniature_eval_difficulties must be one or more of"),
+                          ("--limit=-5", "--limit")):
+        out = _round(*common, f"--base_model={base}", flag)
+        assert out.returncode != 0 and message in out.stderr, (flag, out.stderr)
     out = _round(f"--run_dir={run}", f"--problems={tmp_path / 'nope.jsonl'}", f"--eval_problems={problems}",
                  f"--base_model={base}")
     assert out.returncode != 0 and f"--problems={tmp_path / 'nope.jsonl'}" in out.stderr, out.stderr
@@ -72,6 +80,16 @@ def test_conflicting_flags_on_a_run_directory_are_refused(tmp_path):
     assert out.returncode != 0, out.stderr
     assert "--rollouts: saved 8, now 16" in out.stderr, out.stderr
     assert not [w for w in ("progress_every_s", "loss_chunk", "remat", "cache_mib") if w in out.stderr], out.stderr
+    # A training stage's flags may be corrected until that stage is complete (its checkpoints refuse other
+    # settings themselves); then they are pinned like the started search's.
+    flags_json = tmp_path / "run" / "round_1" / "flags.json"
+    out = _round(*common, f"--eval_problems={problems}", f"--base_model={base}", "--sft_learning_rate=3e-5")
+    assert out.returncode != 0 and "saved" not in out.stderr and "[search]" in out.stdout + out.stderr, out.stderr
+    assert json.loads(flags_json.read_text())["sft_learning_rate"] == 3e-5
+    (tmp_path / "run" / "round_1" / "policy").mkdir()
+    (tmp_path / "run" / "round_1" / "policy" / "DONE.json").write_text("{}")
+    out = _round(*common, f"--eval_problems={problems}", f"--base_model={base}", "--sft_learning_rate=1e-4")
+    assert out.returncode != 0 and "--sft_learning_rate: saved 3e-05, now 0.0001" in out.stderr, out.stderr
     # Rounds share the base model and the evaluation set: round 2 may not change them.
     _fake_model(tmp_path / "run" / "round_1" / "policy" / "hf")
     other_base, other_eval = _fake_model(tmp_path / "base2"), _problems(tmp_path, "q.jsonl")
@@ -92,3 +110,18 @@ def test_the_miniature_flags_are_pinned_for_every_round(tmp_path):
     assert out.returncode != 0 and "--miniature_pool: saved 8, now 16" in out.stderr, out.stderr
     # Round 3 with round 2's settings (terminal-guided) is allowed, with a warning.
     assert "warning: round 3 searches with --mode=terminal, where the paper's round 3 is ppm" in out.stderr
+
+
+def test_the_rounds_report_reads_rounds_started_from_given_models(tmp_path):
+    """Round 2 run with --policy/--ppm on a fresh run directory: no round 1 in it, and the report still reads."""
+    from experiments import round as rnd
+    from experiments import stages
+    row = {"method": "greedy", "n": 1, "accuracy": 0.25}
+    for d in ("base_eval", "round_2/eval", "round_2/search"):
+        (tmp_path / d).mkdir(parents=True)
+    stages.write_json_atomic(str(tmp_path / "base_eval" / "DONE.json"), {"rows": [dict(row, accuracy=0.2)]})
+    stages.write_json_atomic(str(tmp_path / "round_2" / "eval" / "DONE.json"), {"rows": [row]})
+    stages.write_json_atomic(str(tmp_path / "round_2" / "search" / "DONE.json"),
+                             {"coverage_by_difficulty": {"all": 0.5}})
+    text = rnd.round_report(str(tmp_path), 2)
+    assert "| 0 | 20.0% |  |" in text and "| 1 |  |  |" in text and "| 2 | 25.0% | 50.0% |" in text, text

@@ -38,9 +38,17 @@ class SearchConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.unvisited not in ("zero", "inf"):
             raise ValueError(f"unvisited must be 'zero' or 'inf', got {self.unvisited!r}")
-        for name in ("rollouts", "num_candidates", "max_depth", "max_step_tokens", "runs", "batch_size"):
+        for name in ("rollouts", "num_candidates", "max_depth", "max_step_tokens", "max_context_tokens", "runs",
+                     "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_rollouts_unsolved", "top_k", "capacity", "c", "temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.exec_timeout_s > 0:
+            raise ValueError(f"exec_timeout_s must be positive, got {self.exec_timeout_s}")
         if self.max_rollouts_unsolved and self.max_rollouts_unsolved < self.rollouts:
             raise ValueError(f"max_rollouts_unsolved ({self.max_rollouts_unsolved}) must be 0 or >= rollouts "
                              f"({self.rollouts})")
