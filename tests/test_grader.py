@@ -99,7 +99,14 @@ def test_reference_answers_forms():
 
 def test_canonical_answer_rewrites():
     assert canonical_answer(r"\left( 3, \dfrac{\pi}{2} \right)") == r"(3,\frac{\pi}{2})"
-    assert canonical_answer(r"\$ 1{,}000.") == "1,000"
+    assert canonical_answer(r"\$ 1{,}000.") == "1000"  # thousands separators go; list commas stay
+    assert canonical_answer(r"1,234,567") == "1234567" and canonical_answer(r"2,\!500") == "2500"
+    assert canonical_answer("2, 500") == "2,500"  # a comma and a space separate list items
+    assert canonical_answer(r"2,\ 500") == canonical_answer(r"2,\,500") == canonical_answer("2,~500") == "2,500"
+    assert canonical_answer("[0,100]") == "[0,100]" and canonical_answer("x = 1,000") == "x=1000"
+    assert canonical_answer("4 square feet") == "4" and canonical_answer(r"5\text{ sec}") == "5"
+    assert canonical_answer("3 pi") == "3pi" and canonical_answer(r"2\mathrm{e}") == "2e"
+    assert canonical_answer("5 xy") == "5xy"  # two letters: a product, not a unit
     assert canonical_answer(r"45^{\circ}") == "45"
     assert canonical_answer(r"7\text{ cm}^2") == "7"
     assert canonical_answer(r"\pi r^2") == r"\pi r^2"  # command + letter keep their space
@@ -108,7 +115,8 @@ def test_canonical_answer_rewrites():
 
 
 def test_parse_number_is_exact_and_bounded():
-    assert parse_number("1,234.5").value == 2469 / 2
+    assert parse_number("1234.5").value == 2469 / 2
+    assert parse_number("1,234") is None  # canonical_answer removes thousands separators first
     assert parse_number(r"-\frac{3}{4}").value == -0.75
     assert parse_number("50%").percent
     assert parse_number("1.5e3").inexact and parse_number("15").inexact is False
@@ -121,7 +129,8 @@ def test_parse_number_is_exact_and_bounded():
 
 
 def test_fast_tier_decides_plain_cases_without_sympy():
-    assert compare_answers("1,000", "1000") == (True, "numeric")
+    assert compare_answers(canonical_answer("1,000.0"), "1000") == (True, "numeric")
+    assert compare_answers(canonical_answer("2, 500"), "2500") == (False, "2 elements vs one number")
     assert compare_answers("1,-2", "1,-3")[0] is False
     assert compare_answers("Evelyn", "Evenly") == (False, "text")
     assert compare_answers(r"\frac{\pi}{2}", r"\pi/2")[0] is None  # needs sympy: undecided here

@@ -31,10 +31,11 @@ _MAX_NESTING = 8
 _FAST_MAX_CHARS = 2000
 
 # ---------------------------------------------------------------------------------------------------
-# Plain numbers: integers, decimals, thousands separators, fractions of integers, percentages and
-# scientific notation, parsed exactly into a Fraction.
+# Plain numbers: integers, decimals, fractions of integers, percentages and scientific notation,
+# parsed exactly into a Fraction. No thousands separators: `canonical_answer` removes them (`2,500` ->
+# `2500`), so a comma left in a canonical answer always separates items (`2,500` is the list 2, 500).
 
-_MANTISSA = r"(?P<mantissa>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)"
+_MANTISSA = r"(?P<mantissa>\d+(?:\.\d*)?|\.\d+)"
 _EXPONENT = r"(?:[eE](?P<e1>[+-]?\d+)|(?:\\times|\\cdot|\*)10\^(?:\{(?P<e2>[+-]?\d+)\}|(?P<e3>\d)))"
 _FRACTION = (
     r"\\frac\{(?P<fn1>[+-]?\d+)\}\{(?P<fd1>[+-]?\d+)\}|\\frac(?P<fn2>\d)(?P<fd2>\d)"
@@ -63,7 +64,7 @@ def parse_number(text: str) -> PlainNumber | None:
     sign = -1 if groups["sign"] == "-" else 1
     inexact = False
     if groups["mantissa"] is not None:
-        mantissa = groups["mantissa"].replace(",", "")
+        mantissa = groups["mantissa"]
         inexact = "." in mantissa and not mantissa.endswith(".")
         value = Fraction(mantissa.rstrip(".") or "0")
     else:
@@ -280,6 +281,14 @@ def _single_element(shape: Shape) -> Shape:
     return shape
 
 
+def _whole_text(shape: Shape) -> str:
+    """The text of a shape for a whole-expression comparison. A bare comma list goes in set braces:
+    math-verify would read `1,100` as the number 1100 (its commas are list commas, see parse_number)."""
+    if shape.kind == "unordered" and not shape.brackets and len(_split_top_level(shape.text)) > 1:
+        return "\\{" + shape.text + "\\}"
+    return shape.text
+
+
 def compare_shapes(pred: Shape, ref: Shape, atoms: AtomComparer) -> Outcome:
     if pred.text and pred.text == ref.text:
         return True, "exact string"
@@ -287,8 +296,11 @@ def compare_shapes(pred: Shape, ref: Shape, atoms: AtomComparer) -> Outcome:
     if pred.kind == "atom" and ref.kind == "atom":
         return atoms(pred.text, ref.text)
     if pred.kind == "atom" or ref.kind == "atom":
+        atom, container = (pred, ref) if pred.kind == "atom" else (ref, pred)
+        if len(container.items) > 1 and parse_number(atom.text) is not None:
+            return False, f"{len(container.items)} elements vs one number"
         # e.g. `x\in\{1,2\}` vs `1,2`: only a whole-expression comparison can tell.
-        return atoms(pred.text, ref.text)
+        return atoms(_whole_text(pred), _whole_text(ref))
     if len(pred.items) != len(ref.items):
         return False, f"{len(pred.items)} elements vs {len(ref.items)}"
     if pred.kind == "ordered" and ref.kind == "ordered":

@@ -113,7 +113,8 @@ def reference_answers(ref: object) -> list[str]:
     Accepts a string (a bare answer, `$...$`-wrapped, a full solution with `\\boxed{}`, or a GSM8K
     rationale ending in `#### N`), an int or float (College Math style numeric answers), or a list of
     those (several acceptable answers; any one matching is correct). OlympiadBench-style multi-part
-    answers that must all be given should be joined by the caller into one comma-separated string.
+    answers that must all be given should be joined by the caller with ", " (comma and space: `2,500` is
+    one number, `2, 500` two answers).
     """
     if isinstance(ref, bool) or ref is None:
         raise TypeError(f"reference answer must be a string, number or list, got {ref!r}")
@@ -152,7 +153,9 @@ _SIMPLE_REWRITES = [
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"),
     ("\\tbinom", "\\binom"), ("\\displaystyle", ""), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"),
     ("\\langle", "("), ("\\rangle", ")"), ("\\leq", "\\le"), ("\\geq", "\\ge"), ("\\neq", "\\ne"),
-    ("\\varnothing", "\\emptyset"), ("\\$", ""), ("$", ""), ("{,}", ","), ("\\%", "%"),
+    ("\\varnothing", "\\emptyset"), ("\\$", ""), ("$", ""), ("\\%", "%"),
+    # LaTeX thousands separators: `2{,}500` and `2,\!500` (`\!` cancels the space TeX puts after a comma).
+    ("{,}", ","), (",\\!", ","),
 ]
 # Sizing commands: \left( -> (, \left. -> nothing.
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![a-zA-Z])\.?")
@@ -160,14 +163,41 @@ _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Big
 _SPACING = re.compile(r"\\\\|\\[,:;!> ]|\\q?quad(?![a-zA-Z])|~")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])")
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|mathit)\s*\{")
-# `x and y`, `x \text{ or } y` list several answers.
+# `x and y`, `x \text{ or } y` list several answers; they become `, ` (a list comma, see _THOUSANDS).
 # `(?<!\s)` starts a match only at the beginning of a whitespace run, keeping long runs linear.
 _LIST_WORDS = re.compile(r"(?<!\s)\s*\\text\s*\{\s*(?:and|or)\s*\}\s*|(?<!\s)\s+(?:and|or)\s+")
+# Commas in numbers. A comma directly followed by exactly three digits inside a number at bracket depth
+# 0 is a thousands separator (`2,500`, `1,234,567`, `-1,000.5`, `x=1,000`); it is removed here, so every
+# comma left in a canonical answer separates items. A comma followed by whitespace separates list items
+# (`2, 500` is the list 2 and 500, as OlympiadBench joins its answer lists), and so does one followed by
+# a LaTeX space (`2,\ 500`, `2,\,500`, `2,~500`: the spacing was already turned into whitespace; only
+# `2,\!500` and `2{,}500` are thousands forms). Inside brackets a comma always separates elements
+# (`[0,100]`, `(2,500)`), and a number that runs on into another `,digit` (`1,2,500`) is a list.
+_THOUSANDS = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 # A unit after a number: `5\text{ cm}`, `5\mbox{ cm}^2`, `5\mathrm{cm}`, `5 square feet`, `5 dollars`.
+# Only removed when no word of it is mathematics (`2\mathrm{e}`, `3 pi`, `5 cos x` keep their tails).
 _TRAILING_TEXT_UNIT = re.compile(
-    r"(?<=[\d}.])\s*\\(?:text|mbox|mathrm|textrm)\s*\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?[23]\}?)?\s*$"
+    r"(?<=[\d}.])\s*\\(?:text|mbox|mathrm|textrm)\s*\{\s*(?P<unit>[a-zA-Z][a-zA-Z .]*)\}(?:\^\{?[23]\}?)?\s*$"
 )
-_TRAILING_WORD_UNIT = re.compile(r"(?<=\d)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*\.?\s*$")
+_TRAILING_WORD_UNIT = re.compile(r"(?<=\d)\s+(?P<unit>[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*)\.?\s*$")
+# Words that are mathematics, never a unit: constants, functions, operators and number words.
+_TRIG = ("sin", "cos", "tan", "sec", "csc", "cot")
+_MATH_WORDS = frozenset(
+    [*_TRIG, *(f"{f}h" for f in _TRIG), *(f"arc{f}" for f in _TRIG), *(f"arc{f}h" for f in _TRIG),
+     *(f"ar{f}h" for f in _TRIG), *(f"a{f}" for f in _TRIG), "cosec", "cosech", "ctg", "tg",
+     "pi", "e", "i", "log", "ln", "lg", "exp", "sqrt", "root", "cbrt", "inf", "infty", "infinity",
+     "max", "gcd", "lcm", "mod", "pmod", "choose", "binom", "times", "cdot", "div", "plus", "minus",
+     "over", "squared", "cubed", "factorial", "sgn", "abs", "floor", "ceil", "det", "arg", "lim"]
+)
+# In `\text{}` a function would have been written as a command (`\sec`): `5\text{ sec}` is seconds.
+_TEXT_MATH_WORDS = _MATH_WORDS - {"sec"}
+# A bare word of one or two letters after a number is a unit only when it is a known abbreviation
+# (`5 xy` is a product, `5 cm` a length); longer words are units unless they are mathematics, since
+# count nouns (`7 apples`, `3 people`) are too many to list.
+_SHORT_UNITS = frozenset(
+    ["cm", "mm", "km", "nm", "kg", "mg", "ml", "cl", "dl", "ft", "in", "yd", "mi", "lb", "oz", "hr",
+     "sq", "cu", "cc"]
+)
 _UNIT_TAIL_CHARS = 120  # units are short; matching only the tail keeps the regexes linear
 _WHITESPACE = re.compile(r"\s+")
 _ENDS_WITH_COMMAND = re.compile(r"\\[a-zA-Z]+$")
@@ -191,15 +221,41 @@ def _unwrap_text_commands(answer: str) -> str:
         i = close + 1
 
 
+def _is_unit(words: str, bare: bool) -> bool:
+    """True when `words` (the tail after a number) is a unit, not more of the answer's mathematics.
+
+    In `\\text{}` / `\\mathrm{}` any non-mathematical word counts (`\\text{ m}`, `\\mathrm{kg}`); bare
+    words need three letters or a known abbreviation (see _SHORT_UNITS)."""
+    words = words.replace(".", " ").lower().split()
+    math_words = _MATH_WORDS if bare else _TEXT_MATH_WORDS
+    if not words or any(word in math_words for word in words):
+        return False
+    return not bare or all(len(word) >= 3 or word in _SHORT_UNITS for word in words)
+
+
 def _strip_trailing_unit(answer: str) -> str:
     head, tail = answer[:-_UNIT_TAIL_CHARS], answer[-_UNIT_TAIL_CHARS:]
     # The lookbehinds need the character before the tail too.
     probe = (head[-1:] + tail) if head else tail
-    for pattern in (_TRAILING_TEXT_UNIT, _TRAILING_WORD_UNIT):
-        stripped = pattern.sub("", probe)
-        if stripped != probe and stripped.strip():
-            probe = stripped
+    for pattern, bare in ((_TRAILING_TEXT_UNIT, False), (_TRAILING_WORD_UNIT, True)):
+        match = pattern.search(probe)
+        if match and match.start() > 0 and probe[: match.start()].strip() and _is_unit(match["unit"], bare):
+            probe = probe[: match.start()]
     return (head[:-1] + probe) if head else probe
+
+
+def _remove_thousands_separators(answer: str) -> str:
+    """`2,500` -> `2500` for numbers at bracket depth 0 (see _THOUSANDS); linear time."""
+    if "," not in answer:
+        return answer
+    depth, depths = 0, []
+    for char in answer:
+        depths.append(depth)
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+    return _THOUSANDS.sub(lambda m: m.group(0).replace(",", "") if depths[m.start()] == 0 else m.group(0), answer)
 
 
 def _drop_whitespace(answer: str) -> str:
@@ -215,7 +271,8 @@ def _drop_whitespace(answer: str) -> str:
 
 def canonical_answer(answer: str) -> str:
     """The canonical string of an extracted answer: spacing, sizing, `\\dfrac`, degrees, dollars,
-    units after numbers and `\\text{}` wrappers removed; `and`/`or` lists turned into commas.
+    units after numbers, thousands separators and `\\text{}` wrappers removed; `and`/`or` lists turned
+    into commas. Every comma left separates items (`2,500` -> `2500`, `2, 500` -> `2,500`, a list).
 
     Degrees are dropped, not converted (`30^\\circ` is `30`, not `\\pi/6`).
     """
@@ -226,8 +283,9 @@ def canonical_answer(answer: str) -> str:
     answer = _SIZING.sub("", answer)
     answer = _SPACING.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else " ", answer)
     answer = _DEGREES.sub("", answer)
-    answer = _LIST_WORDS.sub(",", answer.strip())
+    answer = _LIST_WORDS.sub(", ", answer.strip())
     answer = _strip_trailing_unit(answer.strip())
     answer = _unwrap_text_commands(answer)
+    answer = _remove_thousands_separators(answer)  # before whitespace goes: `2, 500` is a list
     answer = _drop_whitespace(answer.strip())
     return answer.rstrip(".")
