@@ -6,7 +6,8 @@
 Writes `OUT/trees.jsonl` (one record per finished search; `trees.process_<i>.jsonl` per host when
 several processes run) and, in the data-generation modes, `OUT/extracted/` (sft, pairs, pqm, orm, ...
 JSONL and stats.json). Re-running the same command skips the searches already written, so an
-interrupted run resumes where it stopped; different search settings on the same OUT are refused.
+interrupted run resumes where it stopped, with any number of processes (the searches in every
+`trees*.jsonl` count); different search settings on the same OUT are refused.
 """
 from __future__ import annotations
 
@@ -66,17 +67,30 @@ def local_mesh(shape: tuple[int, int, int] = (1, 1, 1)):
     return parallel.make_mesh(parallel.MeshConfig(*shape), devices=devices)
 
 
+def still_to_search(config, problems: list[dict], out_dir: str, name: str
+                    ) -> tuple[list[dict], set[tuple[str, int]]]:
+    """The problems with a search not yet in any `trees*.jsonl` of `out_dir` (written by any process of any
+    earlier run, whatever their number), and the (problem id, seed) pairs already there. `name`: this
+    process's file (settings saved with it). Every process must read before any writes (a barrier after)."""
+    from rstar_jax.search.driver import read_all_finished
+    finished = read_all_finished(os.path.join(out_dir, name), config,
+                                 sorted(glob.glob(os.path.join(out_dir, "trees*.jsonl"))))
+    seeds = range(config.seed, config.seed + config.runs)
+    return [p for p in problems if any((p["id"], s) not in finished for s in seeds)], finished
+
+
 def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | None, out_dir: str, *,
                extract_config=None, progress=print, progress_every_s: float = 30.0,
                mesh_shape: tuple[int, int, int] = (1, 1, 1), profile: tuple[int, int] = (-1, 3),
                score_cache_mib: float = search_flags.DEFAULT_SCORE_CACHE_MIB,
                policy_cache_mib: float = search_flags.DEFAULT_POLICY_CACHE_MIB) -> dict:
-    """Search this host's share of `problems` into `out_dir` (policy and PPM on a mesh of this host's devices
-    of `mesh_shape`), then (process 0) extract the training data. `profile`: (first iteration, iterations)
-    of a profiler trace into out_dir/profile (-1: none); `score_cache_mib`, `policy_cache_mib`: the PPM's and the
-    policy's `ContextStore`s."""
+    """Search this host's share of the `problems` not yet searched (`still_to_search`) into `out_dir` (policy
+    and PPM on a mesh of this host's devices of `mesh_shape`), then (process 0) extract the training data.
+    `profile`: (first iteration, iterations) of a profiler trace into out_dir/profile (-1: none);
+    `score_cache_mib`, `policy_cache_mib`: the PPM's and the policy's `ContextStore`s."""
     import jax
 
+    from experiments.stages import barrier
     from rstar_jax import parallel
     from rstar_jax.models.pretrained import load_policy
     from rstar_jax.search.driver import SearchDriver
@@ -85,6 +99,11 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
     from rstar_jax.verify.sandbox import Sandbox
     os.makedirs(out_dir, exist_ok=True)
     name = "trees.jsonl" if jax.process_count() == 1 else f"trees.process_{jax.process_index()}.jsonl"
+    # The split is over what no earlier run (at any process count) searched: each search in one file only.
+    todo, finished = still_to_search(config, problems, out_dir, name)
+    barrier("search resume read")  # every process sees the same files before any appends to its own
+    if finished:
+        progress(f"resuming: {len(problems) - len(todo)}/{len(problems)} problems already searched in {out_dir}")
     mesh = local_mesh(mesh_shape)
     tokenizer, model = load_policy(policy_dir, mesh=mesh)
     scorer = (load_scorer(ppm_dir, config.max_context_tokens, mesh, score_cache_mib)
@@ -94,10 +113,8 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
                               progress=progress, progress_every_s=progress_every_s,
                               profile_dir=os.path.join(out_dir, "profile"), profile_start=profile[0],
                               profile_iterations=profile[1], policy_cache_mib=policy_cache_mib)
-        stats = driver.run(parallel.host_shard(problems), os.path.join(out_dir, name))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("search finished")
+        stats = driver.run(parallel.host_shard(todo), os.path.join(out_dir, name), finished)
+    barrier("search finished")
     if extract_config is not None and config.mode != "inference" and jax.process_index() == 0:
         extracted = extract_files(sorted(glob.glob(os.path.join(out_dir, "trees*.jsonl"))), extract_config)
         write_extracted(extracted, os.path.join(out_dir, "extracted"))

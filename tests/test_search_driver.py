@@ -5,18 +5,20 @@ import json
 import os
 import random
 import signal
+import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 from experiments.expand import example_problem
-from experiments.search import load_scorer, run_search
+from experiments.search import load_scorer, run_search, still_to_search
 from rstar_jax.search import steps
 from rstar_jax.search.config import SearchConfig
 from rstar_jax.search.driver import ResumeError, pin_settings, read_finished, step_budgets, stream_id
-from rstar_jax.search.extract import ExtractConfig
+from rstar_jax.search.extract import ExtractConfig, extract_files
 from rstar_jax.search.tree_record import TreeRecord
 from rstar_jax.verify.grader import Grader
 
@@ -193,6 +195,96 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(models, terminal_run,
     with open(os.path.join(killed_dir, "extracted", "sft.jsonl")) as a, \
             open(os.path.join(str(terminal_run[0]), "extracted", "sft.jsonl")) as b:
         assert sorted(a) == sorted(b)
+
+
+def _as_processes(monkeypatch, count, work):
+    """`work()` on `count` threads, each one of `count` JAX processes to run_search (jax.process_index/count
+    patched per thread; its barriers, sync_global_devices, a threading barrier). Returns their results."""
+    import jax
+    from jax.experimental import multihost_utils
+    local, barrier, errors = threading.local(), threading.Barrier(count), []
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    monkeypatch.setattr(jax, "process_index", lambda: getattr(local, "index", 0))
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: barrier.wait(timeout=600))
+    results = [None] * count
+
+    def process(i):
+        local.index = i
+        try:
+            results[i] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_a_rerun_at_another_process_count_searches_only_what_is_missing(models, terminal_run, tmp_path,
+                                                                        monkeypatch):
+    """1 process (killed) -> 2 processes -> 1 process on one output directory: each rerun searches only the
+    problems in no file yet, split among its processes, and extraction over all files sees each problem once."""
+    whole = {r["problem_id"]: r for r in _jsonl(terminal_run[0] / "trees.jsonl")}
+    problems, config = models["problems"], SearchConfig(mode="terminal", **SMALL)
+    ids = [p["id"] for p in problems]
+    out = tmp_path / "trees"
+    out.mkdir()
+    torn = '{"problem_id": "' + ids[3] + '", "prompt": "cut sho'  # a record cut short by a kill
+    # A one-process run killed after its first tree.
+    shutil.copy(terminal_run[0] / "trees.config.json", out / "trees.config.json")
+    (out / "trees.jsonl").write_text(json.dumps(whole[ids[0]]) + "\n" + torn)
+
+    two = _as_processes(monkeypatch, 2, lambda: run_search(config, problems[:3], models["policy"], None, str(out),
+                                                           progress=lambda s: None))
+    assert sorted(s["searched"] for s in two) == [1, 1]
+    per_process = [[r["problem_id"] for r in _jsonl(out / f"trees.process_{i}.jsonl")] for i in range(2)]
+    assert sorted(per_process) == [[ids[1]], [ids[2]]]  # the two left, one each; problem 0 not again
+    assert (out / "trees.jsonl").read_text() == json.dumps(whole[ids[0]]) + "\n"  # its torn line cut
+    monkeypatch.undo()
+
+    with open(out / "trees.process_1.jsonl", "a") as f:  # the two-process run killed mid-record
+        f.write(torn)
+    stats = run_search(config, problems, models["policy"], None, str(out), extract_config=ExtractConfig(),
+                       progress=lambda s: None)
+    assert stats["searched"] == 1  # only problem 3: in none of the files
+    assert [r["problem_id"] for r in _jsonl(out / "trees.jsonl")] == [ids[0], ids[3]]
+    assert [r["problem_id"] for r in _jsonl(out / "trees.process_1.jsonl")] == per_process[1]
+    records = [r for path in sorted(out.glob("trees*.jsonl")) for r in _jsonl(path)]
+    assert sorted(r["problem_id"] for r in records) == sorted(ids)
+    assert all(r == whole[r["problem_id"]] for r in records)  # the trees of an uninterrupted one-process run
+    _check_extracted(out, problems, [TreeRecord.from_dict(r) for r in records])
+    assert still_to_search(config, problems, str(out), "trees.process_0.jsonl")[0] == []
+
+
+def test_other_processes_files_with_other_settings_are_refused_by_name(tmp_path):
+    config, other = SearchConfig(rollouts=3), SearchConfig(rollouts=4)
+    theirs = tmp_path / "trees.process_1.jsonl"
+    theirs.write_text(json.dumps({"problem_id": "a", "seed": 0, "config_digest": other.digest()}) + "\n")
+    pin_settings(str(theirs), other)
+    with pytest.raises(ResumeError, match=r"trees.process_1.jsonl holds trees searched with other settings"):
+        still_to_search(config, [{"id": "a"}], str(tmp_path), "trees.jsonl")
+    os.remove(tmp_path / "trees.process_1.config.json")
+    with pytest.raises(ResumeError, match=r"trees.process_1.jsonl:1: written with search settings"):
+        still_to_search(config, [{"id": "a"}], str(tmp_path), "trees.jsonl")
+    assert not (tmp_path / "trees.config.json").exists(), "a refused run must not pin its settings"
+    assert still_to_search(other, [{"id": "a"}, {"id": "b"}], str(tmp_path), "trees.jsonl") == (
+        [{"id": "b"}], {("a", 0)})
+
+
+def test_a_problem_in_two_tree_files_is_named_with_both(terminal_run, tmp_path):
+    line = (terminal_run[0] / "trees.jsonl").read_text().splitlines(keepends=True)[0]
+    pid = json.loads(line)["problem_id"]
+    (tmp_path / "trees.process_0.jsonl").write_text(line)
+    (tmp_path / "trees.process_1.jsonl").write_text(line)
+    with pytest.raises(ValueError, match=rf"problem '{pid}': duplicate tree record in \S*trees.process_0.jsonl "
+                                         rf"and \S*trees.process_1.jsonl"):
+        extract_files(sorted(glob.glob(str(tmp_path / "trees*.jsonl"))))
 
 
 def test_a_failed_execution_keeps_what_it_raised_on_its_node(models, tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ for every answer -> one PPM call for every new child (when the mode uses one) ->
 A finished tree is written as one JSON line and its slot takes the next problem (continuous batching).
 
 Resume: the output file is append-only and flushed per tree; a restart skips the (problem, seed) pairs
-already written. A tree's randomness depends only on (seed, problem id, node id), so a resumed run
-writes the same trees as an uninterrupted one.
+already written (there, or in the other processes' files: `read_all_finished`). A tree's randomness depends
+only on (seed, problem id, node id), so a resumed run writes the same trees as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -95,12 +95,15 @@ def step_budgets(prompt_lengths: dict[int, int], max_step_tokens: int, max_conte
     return dict(groups)
 
 
-def pin_settings(out_path: str, config: SearchConfig) -> None:
+def pin_settings(out_path: str, config: SearchConfig, save: bool = True) -> None:
     """Save the search settings next to the trees (`<trees>.config.json`), or refuse settings that differ
-    from the saved ones, naming each field (batch_size may differ: it does not change the trees)."""
+    from the saved ones, naming each field (batch_size may differ: it does not change the trees).
+    `save=False`: only check (another process's trees)."""
     path = os.path.splitext(out_path)[0] + ".config.json"
     ours = {k: v for k, v in dataclasses.asdict(config).items() if k != "batch_size"}
     if not os.path.exists(path):
+        if not save:
+            return
         with open(path + ".tmp", "w") as f:
             json.dump(ours, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -143,6 +146,19 @@ def read_finished(path: str, digest: str) -> set[tuple[str, int]]:
     return finished
 
 
+def read_all_finished(out_path: str, config: SearchConfig, others: Sequence[str] = ()) -> set[tuple[str, int]]:
+    """(problem_id, seed) of the trees already in `out_path`, this process's output (settings saved), and in
+    `others`: the other processes' files, of this run or of an earlier one at another process count (settings
+    checked). Cuts every file's torn last line, so no process may be writing to them meanwhile."""
+    finished = set()
+    for path in others:  # before saving ours: a run refused here must not pin its settings for the next
+        if os.path.abspath(path) != os.path.abspath(out_path):
+            pin_settings(path, config, save=False)
+            finished |= read_finished(path, config.digest())
+    pin_settings(out_path, config)
+    return finished | read_finished(out_path, config.digest())
+
+
 class SearchDriver:
     """Runs MCTS over problems with a policy (and a reward model), writing one tree record per search."""
 
@@ -171,17 +187,18 @@ class SearchDriver:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def run(self, problems: Sequence[dict], out_path: str) -> dict:
-        """Search every (problem, seed) not yet in `out_path`; append their records. Returns run statistics."""
+    def run(self, problems: Sequence[dict], out_path: str, finished: set[tuple[str, int]] | None = None) -> dict:
+        """Search every (problem, seed) not yet written (`finished`: what `read_all_finished` returned for
+        `out_path`, read here when not given); append their records to `out_path`. Returns run statistics."""
         cfg = self.config
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        pin_settings(out_path, cfg)
-        finished = read_finished(out_path, cfg.digest())
+        if finished is None:
+            finished = read_all_finished(out_path, cfg)
         todo = collections.deque((p, cfg.seed + r) for p in problems for r in range(cfg.runs)
                                  if (p["id"], cfg.seed + r) not in finished)
         total, skipped = len(problems) * cfg.runs, len(problems) * cfg.runs - len(todo)
         if skipped:
-            self.progress(f"resuming: {skipped}/{total} searches already in {out_path}")
+            self.progress(f"resuming: {skipped}/{total} searches already written")
         b = cfg.batch_size
         tree = self._compile(tr.empty(b, cfg.tree_capacity, jnp.zeros((b,), jnp.int32)))
         slots: list[_Slot | None] = [None] * b

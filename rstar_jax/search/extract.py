@@ -333,19 +333,26 @@ def orm_rows(record: TreeRecord) -> list[dict]:
 
 def extract(records: Iterable[TreeRecord | dict], config: ExtractConfig = ExtractConfig()) -> Extracted:
     """All training and ablation data of a set of trees (records or their dicts), plus statistics."""
+    return _extract(((None, record) for record in records), config)
+
+
+def _extract(located: Iterable[tuple[str | None, TreeRecord | dict]], config: ExtractConfig) -> Extracted:
+    """``extract`` of (file the record was read from or None, record) pairs: a duplicate is named with its files."""
     out = Extracted()
     pair_filter = _PairFilter(config)
-    seen: set[str] = set()
+    seen: dict[str, str | None] = {}  # problem id -> its record's file
     buckets = dict.fromkeys(BUCKETS, 0)
     totals = {"nodes": 0, "answers": 0, "correct_answers": 0, "solved": 0, "sft_problems": 0,
               "correct_trajectories": 0, "skipped_exec_error": 0}
-    for record in records:
+    for path, record in located:
         if isinstance(record, dict):
             record = TreeRecord.from_dict(record)
         pid = record.problem_id
         if pid in seen:
-            raise ValueError(f"problem {pid!r}: duplicate tree record (extracted ids would collide)")
-        seen.add(pid)
+            files = " and ".join(dict.fromkeys(p for p in (seen[pid], path) if p is not None))
+            raise ValueError(f"problem {pid!r}: duplicate tree record{f' in {files}' if files else ''} "
+                             f"(extracted ids would collide)")
+        seen[pid] = path
 
         bucket, n_answers, n_correct = difficulty(record)
         buckets[bucket] += 1
@@ -404,7 +411,7 @@ def extract(records: Iterable[TreeRecord | dict], config: ExtractConfig = Extrac
 
 def extract_files(paths: Sequence[str | os.PathLike], config: ExtractConfig = ExtractConfig()) -> Extracted:
     """``extract`` over the records of several JSONL tree files (e.g. one per host)."""
-    return extract((record for path in paths for record in read_tree_records(path)), config)
+    return _extract(((os.fspath(path), record) for path in paths for record in read_tree_records(path)), config)
 
 
 def _write_atomic(path: str, write) -> None:
