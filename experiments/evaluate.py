@@ -139,7 +139,8 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     base = baselines.BaselineConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                     max_step_tokens=cfg.max_step_tokens, max_context_tokens=cfg.max_context_tokens,
                                     exec_timeout_s=cfg.exec_timeout_s, seed=cfg.seed, beam_width=spec.beam_width,
-                                    samples_per_beam=cfg.num_candidates, max_depth=cfg.max_depth)
+                                    samples_per_beam=cfg.num_candidates, max_depth=cfg.max_depth,
+                                    prompt_prefix=cfg.prompt_prefix)
     ids = [p["id"] for p in problems]
     difficulties = [p.get("difficulty", p.get("level")) for p in problems]  # MATH-500 has levels 1-5
     max_n = max(spec.ns)
@@ -239,6 +240,10 @@ def main(argv):
                         beam_width=FLAGS.beam_width, bootstrap=FLAGS.bootstrap)
     except ValueError as exc:
         raise app.UsageError(f"--methods/--ns/--selections: {exc}") from None
+    try:
+        search_config = search_flags.search_config(mode="inference")
+    except ValueError as exc:
+        raise app.UsageError(str(exc)) from None
     if any(m in NEEDS_REWARD_MODEL for m in spec.methods) and not FLAGS.reward_model:
         raise app.UsageError(f"--methods={','.join(spec.methods)} needs --reward_model (a PPM or ORM directory)")
     multihost.initialize()
@@ -246,7 +251,7 @@ def main(argv):
     problems = load_problem_set(FLAGS.problems, FLAGS.limit)
     set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]
     evaluate(problems, set_name=set_name, policy_dir=FLAGS.policy, reward_dir=FLAGS.reward_model, out_dir=FLAGS.out,
-             spec=spec, search_config=search_flags.search_config(mode="inference"),
+             spec=spec, search_config=search_config,
              mesh_shape=search_flags.search_mesh_shape(), **search_flags.cache_budgets())
 
 

@@ -144,12 +144,14 @@ def _eval_spec(methods) -> "EvalSpec":
         raise SystemExit(f"experiments.round: --eval_methods/--eval_ns: {e}") from None
 
 
-def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str | None, methods) -> dict:
-    """`experiments.evaluate` of one model on the evaluation set; the rows are the stage's summary."""
+def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str | None, methods, *,
+                   trained: bool) -> dict:
+    """`experiments.evaluate` of one model on the evaluation set; the rows are the stage's summary. A policy the
+    round trained sees the plain prompt it was trained on, not --prompt_prefix_file (the bootstrap model's)."""
     from experiments.evaluate import evaluate
     config = search_flags.search_config(mode="inference", num_candidates=FLAGS.eval_num_candidates or
                                         FLAGS.num_candidates, rollouts=FLAGS.eval_rollouts or FLAGS.rollouts,
-                                        max_rollouts_unsolved=0)
+                                        max_rollouts_unsolved=0, **({"prompt_prefix": ""} if trained else {}))
     summary = evaluate(problems, set_name=os.path.basename(FLAGS.eval_problems), policy_dir=policy, reward_dir=ppm,
                        out_dir=stage_dir, spec=_eval_spec(methods), search_config=config,
                        mesh_shape=search_flags.search_mesh_shape(), **search_flags.cache_budgets())
@@ -381,9 +383,10 @@ def run_round(inputs: RoundInputs) -> dict:
     base_methods = [m for m in FLAGS.eval_methods if m in ("greedy", "majority")] or ["greedy"]
     # Evaluation runs on process 0's devices (the others wait).
     stages.run_stage("base model evaluation", os.path.join(run_dir, "base_eval"), lambda d: evaluate_model(
-        d, eval_problems, base, None, base_methods), primary_only=True)
+        d, eval_problems, base, None, base_methods, trained=False), primary_only=True)
     results = stages.run_stage("evaluation", os.path.join(here, "eval"), lambda d: evaluate_model(
-        d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods),
+        d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods,
+        trained=True),
         primary_only=True)
     if stages.is_primary():
         print(round_report(run_dir, k), flush=True)

@@ -29,7 +29,7 @@ def define_flags() -> None:
     for module in (search_flags, multihost):  # absl's --help lists the main module's flags only
         flags.adopt_module_key_flags(module)
     flags.DEFINE_string("problems", None, "problems: a JSONL/JSON file, or tfds:<benchmark name>")
-    flags.DEFINE_integer("limit", 0, "search only the first N problems (0 = all)")
+    flags.DEFINE_integer("limit", 0, "search only the first N problems (0 = all)", lower_bound=0)
     flags.DEFINE_string("policy", None, "policy: HF directory (safetensors + config + tokenizer)")
     flags.DEFINE_string("ppm", None, "reward model: HF directory with the value head (modes ppm, inference)")
     flags.DEFINE_string("out", None, "output directory")
@@ -125,7 +125,10 @@ def run_search(config, problems: list[dict], policy_dir: str, ppm_dir: str | Non
 
 def main(argv):
     check_usage(argv, "problems", "policy", "out")
-    config = search_flags.search_config()
+    try:
+        config = search_flags.search_config()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if config.uses_ppm and not FLAGS.ppm:
         raise app.UsageError(f"--mode={config.mode} needs --ppm (a reward model directory)")
     multihost.initialize()

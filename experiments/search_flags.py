@@ -68,7 +68,11 @@ def _define(config_cls, skip=()) -> None:
 
 def define() -> None:
     """Called by the programs' main only, so modules importing each other never define a flag twice."""
-    _define(SearchConfig)
+    _define(SearchConfig, skip=("prompt_prefix",))  # read from --prompt_prefix_file
+    flags.DEFINE_string("prompt_prefix_file", None, "text file the policy sees before every prompt: a bootstrap "
+                        "model's instruction and worked examples in the step format (e.g. "
+                        "experiments/configs/paper/bootstrap_prefix.txt); trees and training data keep the plain "
+                        "prompt")
     _define(ExtractConfig, skip=("seed",))  # extraction shares --seed
     flags.DEFINE_list("search_mesh", ["1", "1", "1"], "data,fsdp,tensor mesh of this host's devices for the policy "
                       "and PPM in search and evaluation (-1: the rest; without -1 the first devices); each host searches its own "
@@ -104,7 +108,14 @@ def search_mesh_shape() -> tuple[int, int, int]:
 
 def search_config(**overrides) -> SearchConfig:
     """SearchConfig from the flags; a bad value raises ValueError naming the flag."""
-    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(SearchConfig)}
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(SearchConfig)
+              if f.name != "prompt_prefix"}
+    if flags.FLAGS.prompt_prefix_file:
+        try:
+            with open(flags.FLAGS.prompt_prefix_file, encoding="utf-8") as f:
+                values["prompt_prefix"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt_prefix_file={flags.FLAGS.prompt_prefix_file}: {e}") from None
     try:
         return SearchConfig(**{**values, **overrides})
     except ValueError as e:  # its messages start with the field's name, which is the flag's

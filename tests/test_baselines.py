@@ -179,6 +179,28 @@ def test_sample_solutions_scripted(sandbox, grader):
     assert [[t["response"] for t in p] for p in small] == [[t["response"] for t in p[:2]] for p in pools]
 
 
+def test_a_prompt_prefix_is_seen_by_the_policy_alone(sandbox, grader):
+    """A bootstrap model's instruction and examples go before every policy input; the reward model scores, and
+    the trajectories hold, what they would without it."""
+    prefix = "Worked examples first.\n\n"
+    solutions = lambda sampler, scorer, cfg: bl.sample_solutions(sampler, CharTokenizer(), SCRIPTED_PROBLEMS, 3,
+                                                                 sandbox=sandbox, grader=grader, scorer=scorer,
+                                                                 config=cfg)
+    beam = lambda sampler, scorer, cfg: bl.step_beam_search(sampler, CharTokenizer(), SCRIPTED_PROBLEMS, scorer=scorer,
+                                                            sandbox=sandbox, grader=grader, config=cfg)
+    for run, script, stops in ((solutions, block_script, bl.BLOCK_STOPS), (beam, step_script, tk.STOP_TAGS)):
+        runs = []
+        for p in ("", prefix):
+            sampler, scorer = ScriptedSampler(script, stops), OracleScorer()
+            cfg = bl.BaselineConfig(beam_width=2, samples_per_beam=4, max_depth=5, prompt_prefix=p)
+            runs.append((run(sampler, scorer, cfg), sampler, scorer))
+        (base, base_sampler, base_scorer), (ours, sampler, scorer) = runs
+        assert ours == base
+        assert all(t.startswith(prefix + "<|user|>:") for call in sampler.calls for t in call[0])
+        assert [[t[len(prefix):] for t in call[0]] for call in sampler.calls] == [c[0] for c in base_sampler.calls]
+        assert scorer.calls == base_scorer.calls and not any(t.startswith(prefix) for c in scorer.calls for t in c)
+
+
 def test_answer_after_error_and_context_limit(sandbox, grader):
     sampler = ScriptedSampler(block_script, bl.BLOCK_STOPS)
     cfg = bl.BaselineConfig(answer_after_error=True)

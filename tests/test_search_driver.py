@@ -305,6 +305,31 @@ def test_a_failed_execution_keeps_what_it_raised_on_its_node(models, tmp_path, m
     assert all("<output>" not in n.text for n in failed)
 
 
+def test_a_prompt_prefix_is_seen_by_the_policy_alone(models, tmp_path, monkeypatch):
+    """--prompt_prefix_file (a bootstrap model's instruction and examples): every policy input starts with it;
+    the trees, and so the training data, hold the plain prompt; it is one of the settings that shape trees."""
+    from rstar_jax.sampling import Sampler
+    from rstar_jax.tokenizer import format_prompt
+    prefix = "Solve with code, one step at a time.\n\n"
+    seen, generate = [], Sampler.generate
+
+    def spy(self, prompts, *args, **kwargs):
+        seen.extend(self.decode_fn(list(ids)) for ids in prompts)
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "generate", spy)
+    config = SearchConfig(mode="terminal", **{**SMALL, "rollouts": 2}, prompt_prefix=prefix)
+    stats = run_search(config, models["problems"][:2], models["policy"], None, str(tmp_path),
+                       extract_config=ExtractConfig(), progress=lambda s: None)
+    assert seen and all(text.startswith(prefix + "<|user|>:") for text in seen), seen[:2]
+    records = _records(tmp_path / "trees.jsonl")
+    assert [r.prompt for r in records] == [format_prompt(p["question"]) for p in models["problems"][:2]]
+    assert all(not row["prompt"].startswith(prefix) for row in _jsonl(tmp_path / "extracted" / "sft.jsonl"))
+    assert stats["searched"] == 2 and config.digest() != dataclasses.replace(config, prompt_prefix="").digest()
+    with pytest.raises(ResumeError, match="prompt_prefix"):  # resuming without the prefix is refused
+        pin_settings(str(tmp_path / "trees.jsonl"), dataclasses.replace(config, prompt_prefix=""))
+
+
 def test_read_finished_cuts_a_torn_line_and_refuses_other_settings(tmp_path):
     path = tmp_path / "trees.jsonl"
     good = json.dumps({"problem_id": "a", "seed": 3, "config_digest": "d1"}) + "\n"

@@ -73,6 +73,9 @@ class BaselineConfig:
     samples_per_beam: int = 8  # next steps sampled from each beam entry
     max_depth: int = 16
     dedupe: bool = True  # drop a beam entry's repeated candidate texts (as MCTS expansion does)
+    # Text the policy sees before every prompt (a bootstrap model's instruction and worked examples); the
+    # reward model scores, and the trajectories hold, the plain prompt.
+    prompt_prefix: str = ""
 
     def __post_init__(self):
         for name in ("max_step_tokens", "max_context_tokens", "max_rows", "beam_width", "samples_per_beam",
@@ -213,7 +216,7 @@ def sample_solutions(sampler: Sampler, tokenizer, problems: Sequence[Mapping], n
     cfg = config
     temperature = cfg.temperature if temperature is None else temperature
     prompts = [tk.format_prompt(p["question"]) for p in problems]
-    ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompts]
+    ids = [tokenizer.encode(cfg.prompt_prefix + text, add_special_tokens=False) for text in prompts]
     sols = [[_Solution(i, j) for j in range(n)] for i in range(len(problems))]
 
     # 1. The code block, one generation per solution (n per prompt, one prefill each).
@@ -248,7 +251,7 @@ def sample_solutions(sampler: Sampler, tokenizer, problems: Sequence[Mapping], n
         to_answer.append(s)
 
     # 3. The answer step, one generation per solution (its own stream).
-    answer_ids = {id(s): tokenizer.encode(prompts[s.problem] + s.response, add_special_tokens=False)
+    answer_ids = {id(s): tokenizer.encode(cfg.prompt_prefix + prompts[s.problem] + s.response, add_special_tokens=False)
                   for s in to_answer}
     for s in to_answer:
         if len(answer_ids[id(s)]) >= cfg.max_context_tokens:
@@ -336,21 +339,22 @@ def step_beam_search(sampler: Sampler, tokenizer, problems: Sequence[Mapping], *
     _check_stops(sampler, step_level=True, what="step_beam_search")
     cfg = config
     prompts = [tk.format_prompt(p["question"]) for p in problems]
+    policy = [cfg.prompt_prefix + prompt for prompt in prompts]  # what the policy sees
     beams: list[list[_Entry]] = [[_Entry([], 0, 0)] for _ in problems]
     next_node = [1] * len(problems)
     finished: list[list[_Entry]] = [[] for _ in problems]
 
     for _ in range(cfg.max_depth):
         entries = [(i, e) for i in range(len(problems)) for e in beams[i]]
-        ids = {id(e): tokenizer.encode(prompts[i] + "".join(e.steps), add_special_tokens=False) for i, e in entries}
+        ids = {id(e): tokenizer.encode(policy[i] + "".join(e.steps), add_special_tokens=False) for i, e in entries}
         entries = [(i, e) for i, e in entries if len(ids[id(e)]) < cfg.max_context_tokens]
         if not entries:
             break
         samples = _generate(sampler, [ids[id(e)] for _, e in entries], cfg.samples_per_beam,
                             _sampling(cfg, cfg.temperature, [len(ids[id(e)]) for _, e in entries]), cfg.seed,
                             [stream_id(problems[i]["id"], cfg.seed, e.node) for i, e in entries], cfg.max_rows,
-                            texts=[prompts[i] + "".join(e.steps) for i, e in entries],
-                            parents=[prompts[i] + "".join(e.steps[:-1]) if e.steps else None for i, e in entries])
+                            texts=[policy[i] + "".join(e.steps) for i, e in entries],
+                            parents=[policy[i] + "".join(e.steps[:-1]) if e.steps else None for i, e in entries])
 
         # Candidates: answer steps with a \boxed{} answer, and code steps whose program runs (one sandbox
         # call); the rest (no stop tag, no extractable answer, a failed program) is dropped.

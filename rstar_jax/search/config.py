@@ -32,6 +32,9 @@ class SearchConfig:
     exec_timeout_s: float = 30.0
     batch_size: int = 16  # trees searched in lock-step (does not change results)
     capacity: int = 0  # nodes per tree (0 = enough for every rollout to reach max_depth)
+    # Text the policy sees before every prompt: the bootstrap round's instruction and worked examples (RSTAR.md
+    # section 2). Tree records, the PPM and the training data hold the plain prompt.
+    prompt_prefix: str = ""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,8 +74,13 @@ class SearchConfig:
         # Each rollout expands at most one new node per level, each into at most n children.
         return self.capacity or 1 + self.rollout_cap * (self.max_depth + 1) * self.num_candidates
 
-    def digest(self) -> str:
-        """Identifies the settings that shape the trees (batch_size does not), for resume checks."""
+    def tree_settings(self) -> dict:
+        """The settings that shape the trees (batch_size does not), for resume checks."""
         fields = dataclasses.asdict(self)
         fields.pop("batch_size")
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        if not self.prompt_prefix:
+            fields.pop("prompt_prefix")  # the searches written before the prefix existed stay resumable
+        return fields
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.tree_settings(), sort_keys=True).encode()).hexdigest()[:16]

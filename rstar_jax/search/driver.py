@@ -100,7 +100,7 @@ def pin_settings(out_path: str, config: SearchConfig, save: bool = True) -> None
     from the saved ones, naming each field (batch_size may differ: it does not change the trees).
     `save=False`: only check (another process's trees)."""
     path = os.path.splitext(out_path)[0] + ".config.json"
-    ours = {k: v for k, v in dataclasses.asdict(config).items() if k != "batch_size"}
+    ours = config.tree_settings()
     if not os.path.exists(path):
         if not save:
             return
@@ -110,7 +110,8 @@ def pin_settings(out_path: str, config: SearchConfig, save: bool = True) -> None
         return
     with open(path) as f:
         saved = json.load(f)
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {ours.get(k)!r}" for k in dict.fromkeys([*ours, *saved])
+             if saved.get(k) != ours.get(k)]
     if diffs:
         raise ResumeError(f"{out_path} holds trees searched with other settings ({path}); use another output "
                           f"directory or the same settings:\n  " + "\n  ".join(diffs))
@@ -288,11 +289,15 @@ class SearchDriver:
 
     # ---- one expansion of every live tree ------------------------------------------------------
 
+    def _with_prefix(self, context: str | None) -> str | None:
+        return None if context is None else self.config.prompt_prefix + context
+
     def _expand_leaves(self, tree: tr.Tree, leaf: np.ndarray, slots: list[_Slot | None]) -> tr.Tree:
         cfg, n = self.config, self.config.num_candidates
         live = [i for i in range(len(slots)) if leaf[i] >= 0]
-        prompts = {i: slots[i].context(int(leaf[i])) for i in live}
-        ids = {i: self.tokenizer.encode(prompts[i], add_special_tokens=False) for i in live}
+        prompts = {i: slots[i].context(int(leaf[i])) for i in live}  # what the tree and the PPM see
+        policy = {i: cfg.prompt_prefix + prompts[i] for i in live}  # what the policy sees
+        ids = {i: self.tokenizer.encode(policy[i], add_special_tokens=False) for i in live}
         # A leaf whose context is used up gets no children and becomes a dead end.
         expandable = [i for i in live if len(ids[i]) < cfg.max_context_tokens]
 
@@ -303,7 +308,8 @@ class SearchDriver:
                 out = self.sampler.generate(
                     [ids[i] for i in rows], n=n, config=dataclasses.replace(self.sampling, max_new_tokens=budget),
                     seed=0, prompt_ids=[stream_id(slots[i].problem["id"], slots[i].seed, int(leaf[i])) for i in rows],
-                    texts=[prompts[i] for i in rows], parents=[slots[i].context(int(leaf[i]), parent=True) for i in rows])
+                    texts=[policy[i] for i in rows],
+                    parents=[self._with_prefix(slots[i].context(int(leaf[i]), parent=True)) for i in rows])
                 samples.update(zip(rows, out))
         for i in expandable:
             slots[i].generated_tokens += sum(len(s.token_ids) for s in samples[i])
