@@ -169,6 +169,14 @@ def _cluster_env_is_multiprocess(env=os.environ) -> bool:
             or "JAX_COORDINATOR_ADDRESS" in env)  # set by launch/tpu_pod.sh; JAX reads it itself
 
 
+def _slurm_node_devices(env=os.environ) -> list[int] | None:
+    """The node's GPUs for a Slurm step of one task per node (launch/slurm_gpu.sbatch), where JAX would give the
+    task only GPU SLURM_LOCALID; None otherwise (one task per GPU: JAX's choice is right)."""
+    tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or ""  # e.g. "1(x4)"
+    gpus = env.get("SLURM_GPUS_ON_NODE", "")
+    return list(range(int(gpus))) if tasks.split("(")[0] == "1" and gpus.isdigit() else None
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, initialization_timeout: int = 300) -> bool:
     """Starts `jax.distributed` for a multi-process run; a no-op for a single process.
@@ -176,7 +184,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     Must run before anything touches a JAX device. Explicit: `coordinator_address` ("host:port" of
     process 0) with `num_processes` and `process_id` (launch/local.sh). Without a coordinator, JAX
     detects everything when the environment announces a multi-process job: a Slurm `srun` step with
-    several tasks (launch/slurm_gpu.sbatch), Open MPI, a TPU pod (launch/tpu_pod.sh exports
+    several tasks (launch/slurm_gpu.sbatch: one per node, with all of its GPUs), Open MPI, a TPU pod (launch/tpu_pod.sh exports
     JAX_COORDINATOR_ADDRESS; GKE sets TPU_WORKER_HOSTNAMES). `num_processes=1` always means a single
     process. Returns whether the distributed runtime is running.
     """
@@ -196,7 +204,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                              "environment that JAX can detect)")
         return False
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=initialization_timeout)
+                               process_id=process_id, initialization_timeout=initialization_timeout,
+                               local_device_ids=None if coordinator_address else _slurm_node_devices())
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return True

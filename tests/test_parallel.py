@@ -296,6 +296,17 @@ def test_cluster_detection(env, multiprocess):
     assert parallel._cluster_env_is_multiprocess(env) == multiprocess
 
 
+@pytest.mark.parametrize("env, devices", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),  # one task per node
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "4"}, [0, 1, 2, 3]),
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_ON_NODE": "8"}, None),  # one task per GPU: JAX's default
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)"}, None),  # no GPUs announced
+    ({}, None),
+])
+def test_a_slurm_task_per_node_gets_all_of_its_gpus(env, devices):
+    assert parallel._slurm_node_devices(env) == devices
+
+
 def test_initialize_distributed_single_process_is_noop(monkeypatch):
     for var in _CLUSTER_VARS:
         monkeypatch.delenv(var, raising=False)
