@@ -96,8 +96,9 @@ class TrainStageConfig:
     eval_every: int = _field(0, "evaluate the held-out set every N steps (0: at the end only)", check=_AT_LEAST_0)
     profile_start: int = _field(-1, "capture a jax.profiler trace from this step (process 0)")
     profile_steps: int = _field(3, "steps in the profiler trace", check=_AT_LEAST_1)
-    peak_flops: float = _field(0.0, "per-device peak FLOP/s for the MFU figure (e.g. 989e12 for an H100's bf16); "
-                               "0: measure a matmul at start", check=_AT_LEAST_0)
+    peak_flops: float = _field(0.0, "per-device peak FLOP/s for the MFU figure; 0: the spec sheet's for known "
+                               "accelerators in bf16 (H100/H200/A100, TPU v4/v5e/v5p/v6e), else a matmul measured at "
+                               "start", check=_AT_LEAST_0)
     skip_export: bool = _field(False, "do not write the HF export at the end")
 
 
@@ -191,7 +192,7 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     from rstar_jax.train.batching import BatchConfig, BatchIterator
     from rstar_jax.train.checkpoint import Checkpointer
     from rstar_jax.train.loop import fit
-    from rstar_jax.train.metrics import MetricsWriter, measure_peak_flops
+    from rstar_jax.train.metrics import MetricsWriter, measure_peak_flops, spec_peak_flops
     from rstar_jax.train.records import holdout_split, read_records
     from rstar_jax.train.tasks import TASKS
     from rstar_jax.train.trainer import Trainer
@@ -263,11 +264,13 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
                                length_buckets=batch_cfg.length_buckets)
         eval_fn = lambda: _one_epoch(BatchIterator(eval_examples, task, eval_cfg, process_index=jax.process_index(),
                                                    process_count=jax.process_count()))
-    peak = cfg.peak_flops or measure_peak_flops(cfg.compute_dtype)
+    device = jax.devices()[0]
+    spec = spec_peak_flops(device.device_kind, cfg.compute_dtype)
+    peak = cfg.peak_flops or spec or measure_peak_flops(cfg.compute_dtype)
     # CPU "devices" share one host's cores, so the host's peak is the whole machine's.
-    total_peak = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
-    print(f"{'given' if cfg.peak_flops else 'measured matmul'} peak: {peak / 1e9:.1f} GFLOP/s per device "
-          f"({cfg.compute_dtype}, {jax.devices()[0].platform})", flush=True)
+    total_peak = peak if device.platform == "cpu" else peak * jax.device_count()
+    source = "given" if cfg.peak_flops else f"{device.device_kind} spec" if spec else "measured matmul"
+    print(f"{source} peak: {peak / 1e9:.1f} GFLOP/s per device ({cfg.compute_dtype}, {device.platform})", flush=True)
     try:
         result = fit(trainer, batches, checkpointer=checkpointer, writer=writer, eval_batches=eval_fn,
                      peak_flops=total_peak, release_initial=True)

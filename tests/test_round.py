@@ -110,18 +110,3 @@ def test_the_miniature_flags_are_pinned_for_every_round(tmp_path):
     assert out.returncode != 0 and "--miniature_pool: saved 8, now 16" in out.stderr, out.stderr
     # Round 3 with round 2's settings (terminal-guided) is allowed, with a warning.
     assert "warning: round 3 searches with --mode=terminal, where the paper's round 3 is ppm" in out.stderr
-
-
-def test_the_rounds_report_reads_rounds_started_from_given_models(tmp_path):
-    """Round 2 run with --policy/--ppm on a fresh run directory: no round 1 in it, and the report still reads."""
-    from experiments import round as rnd
-    from experiments import stages
-    row = {"method": "greedy", "n": 1, "accuracy": 0.25}
-    for d in ("base_eval", "round_2/eval", "round_2/search"):
-        (tmp_path / d).mkdir(parents=True)
-    stages.write_json_atomic(str(tmp_path / "base_eval" / "DONE.json"), {"rows": [dict(row, accuracy=0.2)]})
-    stages.write_json_atomic(str(tmp_path / "round_2" / "eval" / "DONE.json"), {"rows": [row]})
-    stages.write_json_atomic(str(tmp_path / "round_2" / "search" / "DONE.json"),
-                             {"coverage_by_difficulty": {"all": 0.5}})
-    text = rnd.round_report(str(tmp_path), 2)
-    assert "| 0 | 20.0% |  |" in text and "| 1 |  |  |" in text and "| 2 | 25.0% | 50.0% |" in text, text

@@ -36,3 +36,13 @@ def test_round_report_has_every_figure_of_its_table_in_json(tmp_path):
         {"round": 2, "accuracy": {"greedy": 0.35, "majority": 0.4}, "coverage": {"all": 0.625, "3": 0.3125}}]
     for png in ("accuracy_per_round.png", "coverage_per_round.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_a_round_started_from_given_models_reports_without_earlier_rounds(tmp_path):
+    """Round 2 run with --policy/--ppm on a fresh run directory: no round 1 there, and the report still reads."""
+    run = tmp_path / "run"
+    _done(run / "base_eval", {"rows": [_row("greedy", 1, 0.2)]})
+    _done(run / "round_2" / "eval", {"rows": [_row("greedy", 1, 0.25)]})
+    _done(run / "round_2" / "search", {"coverage_by_difficulty": {"all": 0.5}})
+    text = round_cli.round_report(str(run), 2)
+    assert "| 1 |  |  |" in text and "| 2 | 25.0% | 50.0% |" in text, text

@@ -1,10 +1,24 @@
-"""Training metrics: a measured matmul peak for MFU, TensorBoard event files, a console progress line."""
+"""Training metrics: the peak FLOP/s for MFU, TensorBoard event files, a console progress line."""
 from __future__ import annotations
 
 import time
 
 import jax
 import jax.numpy as jnp
+
+
+# Dense bf16 peak FLOP/s per device from the vendors' spec sheets, by a prefix of `device.device_kind`
+# (longest first: "TPU v5 lite" before "TPU v5").
+_BF16_PEAKS = (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100", 989e12), ("NVIDIA H200", 989e12),
+               ("NVIDIA H800", 989e12), ("NVIDIA A100", 312e12), ("NVIDIA L4", 121e12),
+               ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12))
+
+
+def spec_peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The spec sheet's peak of a known accelerator in bf16, else None (measure instead: CPUs, fp32)."""
+    if dtype != "bfloat16":
+        return None
+    return next((peak for prefix, peak in _BF16_PEAKS if device_kind.startswith(prefix)), None)
 
 
 def measure_peak_flops(dtype: str = "float32", size: int = 2048, reps: int = 3) -> float:
@@ -51,11 +65,11 @@ class MetricsWriter:
         if jax.process_index() != 0:
             return
         now = time.perf_counter()
-        if self._start_step is None:
-            self._start_step, self._start = step - 1, now
-        done = step - self._start_step
+        if self._start_step is None:  # the clock starts at this run's first line
+            self._start_step, self._start = step, now
+        done = step - self._start_step  # the steps the elapsed time covers
         elapsed = now - self._start
-        eta = elapsed / max(done, 1) * (self.total_steps - step) if done > 1 else float("nan")
+        eta = elapsed / done * (self.total_steps - step) if done else float("nan")
         parts = [f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"]
         for name, value in scalars.items():
             parts.append(f"{name} {value:.3g}" if abs(value) < 1e4 else f"{name} {value:.4g}")
