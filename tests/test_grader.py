@@ -163,10 +163,12 @@ def test_tower_of_exponents_times_out_within_the_bound():
         assert elapsed < 1.0 + 1.0
         # The pool replaced the killed worker and keeps serving.
         assert grader.grade(r"\boxed{(x+1)^2}", "x^2+2x+1").equal
-        # A repeated adversarial answer is answered from the cache, not by another timeout.
+        # A timeout may be the machine's fault: the comparison runs once more; when it times out again, the
+        # adversarial answer is answered from the cache, not by another timeout.
+        assert grader.grade(TOWER, "5").timed_out and grader.stats["timed_out"] == 2
         started = time.monotonic()
         assert grader.grade(TOWER, "5").timed_out
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.1 and grader.stats["timed_out"] == 2
 
 
 def test_time_bound_holds_off_the_main_thread():

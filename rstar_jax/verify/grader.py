@@ -284,6 +284,7 @@ class Grader:
         self._pool: _WorkerPool | None = None
         self._closed = False
         self._cache: collections.OrderedDict[tuple, tuple[bool, str, bool]] = collections.OrderedDict()
+        self._timed_out_once: set[tuple] = set()  # comparisons that timed out once (not cached yet)
         self._stats = collections.Counter()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -408,7 +409,12 @@ class Grader:
             if reply is None:
                 pool.discard(worker)
                 reason = f"timed out after {self.timeout_s:g} s"
-                self._remember(key, False, reason, True, "timed_out")
+                # A busy machine can time out a fair comparison: the verdict is cached only when it times out
+                # again, so an adversarial answer costs at most two timeouts.
+                with self._lock:
+                    again = key in self._timed_out_once
+                    self._timed_out_once.add(key)
+                self._remember(key, False, reason, True, "timed_out", cache=again)
                 return False, reason, True, worker_s
             pool.release(worker)
             self._remember(key, bool(reply["equal"]), reply["reason"], False, "worker")
