@@ -38,7 +38,8 @@ def define_flags() -> None:
     search_flags.define()
     for module in (search_flags, multihost):  # absl's --help lists the main module's flags only
         flags.adopt_module_key_flags(module)
-    flags.DEFINE_string("problems", None, "problem set: JSONL/JSON file or tfds:<name>")
+    flags.DEFINE_string("problems", None, "problem set: JSONL/JSON file, tfds:<benchmark>, or "
+                        "pool:<preset>:<files>")
     flags.DEFINE_string("set_name", None, "name of the set in the report (default: from --problems)")
     flags.DEFINE_integer("limit", 0, "evaluate the first N problems (0 = all)", lower_bound=0)
     flags.DEFINE_string("policy", None, "policy: HF directory")
@@ -248,7 +249,7 @@ def main(argv):
         raise app.UsageError(f"--methods={','.join(spec.methods)} needs --reward_model (a PPM or ORM directory)")
     multihost.initialize()
     from experiments.search import load_problem_set
-    problems = load_problem_set(FLAGS.problems, FLAGS.limit)
+    problems = load_problem_set(FLAGS.problems, FLAGS.limit, **search_flags.tfds_dirs())
     set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]
     evaluate(problems, set_name=set_name, policy_dir=FLAGS.policy, reward_dir=FLAGS.reward_model, out_dir=FLAGS.out,
              spec=spec, search_config=search_config,

@@ -50,7 +50,8 @@ def define_flags() -> None:
         flags.adopt_module_key_flags(module)
     flags.DEFINE_string("run_dir", None, "run directory (all rounds of one run)")
     flags.DEFINE_integer("round", 1, "which round to run (1..4)")
-    flags.DEFINE_string("problems", "miniature", "training pool: JSONL/JSON file, tfds:<name>, or miniature")
+    flags.DEFINE_string("problems", "miniature", "training pool: JSONL/JSON file, pool:<preset>:<files> (e.g. "
+                        "pool:numinamath:/data/numina/*.jsonl), tfds:<benchmark>, or miniature")
     flags.DEFINE_string("eval_problems", "miniature", "evaluation problems (with an optional 'difficulty' field): "
                         "JSONL/JSON file, tfds:<name>, or miniature")
     flags.DEFINE_integer("limit", 0, "use the first N pool problems (0 = all)", lower_bound=0)
@@ -133,7 +134,7 @@ def miniature_base(data_dir: str, stage_dir: str) -> dict:
 
 def _problems(spec: str, miniature_file: str) -> list[dict]:
     from experiments.search import load_problem_set
-    return load_problem_set(miniature_file if spec == "miniature" else spec)
+    return load_problem_set(miniature_file if spec == "miniature" else spec, **search_flags.tfds_dirs())
 
 
 def _eval_spec(methods) -> "EvalSpec":
@@ -277,7 +278,7 @@ def check_inputs() -> RoundInputs:
         if spec == "miniature":
             return None
         try:
-            return load_problem_set(spec)
+            return load_problem_set(spec, **search_flags.tfds_dirs())
         except (OSError, ValueError) as e:
             _fail(f"--{flag}={spec}: {e}")
 

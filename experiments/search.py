@@ -12,6 +12,7 @@ interrupted run resumes where it stopped, with any number of processes (the sear
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import time
@@ -28,7 +29,8 @@ def define_flags() -> None:
     search_flags.define()
     for module in (search_flags, multihost):  # absl's --help lists the main module's flags only
         flags.adopt_module_key_flags(module)
-    flags.DEFINE_string("problems", None, "problems: a JSONL/JSON file, or tfds:<benchmark name>")
+    flags.DEFINE_string("problems", None, "problems: a JSONL/JSON file, tfds:<benchmark>, or pool:<preset>:<files> "
+                        "(a training pool, e.g. pool:numinamath:/data/numina/*.jsonl)")
     flags.DEFINE_integer("limit", 0, "search only the first N problems (0 = all)", lower_bound=0)
     flags.DEFINE_string("policy", None, "policy: HF directory (safetensors + config + tokenizer)")
     flags.DEFINE_string("ppm", None, "reward model: HF directory with the value head (modes ppm, inference)")
@@ -37,9 +39,25 @@ def define_flags() -> None:
     flags.DEFINE_float("progress_every_s", 30.0, "seconds between progress lines")
 
 
-def load_problem_set(spec: str, limit: int = 0) -> list[dict]:
+def load_problem_set(spec: str, limit: int = 0, *, data_dir: str | None = None,
+                     manual_dir: str | None = None) -> list[dict]:
+    """The problems of `spec` (--problems): a JSONL/JSON file; `tfds:<benchmark>`; or `pool:<preset>:<files>`,
+    a training pool of a file, folder or glob mapped by a `POOL_PRESETS` entry (`pool:numinamath:/data/*.jsonl`).
+    The TFDS ones are built once into `data_dir` (a pool's name is a digest of its preset and files); a benchmark's
+    source file comes from `manual_dir`, else its public copy (`search_flags.tfds_dirs()`: the flags)."""
     from rstar_jax.data import load_benchmark, load_problems
-    problems = load_benchmark(spec[len("tfds:"):]) if spec.startswith("tfds:") else load_problems(spec)
+    from rstar_jax.data.problem_pool import POOL_PRESETS, open_problem_pool, pool_manifest
+    if spec.startswith("tfds:"):
+        problems = load_benchmark(spec[len("tfds:"):], data_dir=data_dir, manual_dir=manual_dir)
+    elif spec.startswith("pool:"):
+        preset, _, files = spec[len("pool:"):].partition(":")
+        if preset not in POOL_PRESETS or not files:
+            raise ValueError(f"{spec}: expected pool:<preset>:<files> with a preset of {', '.join(POOL_PRESETS)}")
+        digest = hashlib.sha256(json.dumps([preset, pool_manifest(files)]).encode()).hexdigest()[:12]
+        source = open_problem_pool(files, name=f"{preset}_{digest}", preset=preset, data_dir=data_dir)
+        problems = source[:limit or len(source)]
+    else:
+        problems = load_problems(spec)
     return problems[:limit] if limit else problems
 
 
@@ -133,7 +151,7 @@ def main(argv):
         raise app.UsageError(f"--mode={config.mode} needs --ppm (a reward model directory)")
     multihost.initialize()
     start = time.perf_counter()
-    problems = load_problem_set(FLAGS.problems, FLAGS.limit)
+    problems = load_problem_set(FLAGS.problems, FLAGS.limit, **search_flags.tfds_dirs())
     stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
                        extract_config=search_flags.extract_config() if FLAGS.extract else None,
                        progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),

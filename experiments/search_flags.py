@@ -74,6 +74,11 @@ def define() -> None:
                         "experiments/configs/paper/bootstrap_prefix.txt); trees and training data keep the plain "
                         "prompt")
     _define(ExtractConfig, skip=("seed",))  # extraction shares --seed
+    flags.DEFINE_string("tfds_data_dir", None, "where tfds:<benchmark> and pool:<preset>:<files> problem sets are "
+                        "built (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    flags.DEFINE_string("tfds_manual_dir", None, "local copies of the benchmarks' source files "
+                        "(<dir>/<benchmark>/test.jsonl, e.g. Qwen2.5-Math's evaluation/data); default: download "
+                        "the public copy")
     flags.DEFINE_list("search_mesh", ["1", "1", "1"], "data,fsdp,tensor mesh of this host's devices for the policy "
                       "and PPM in search and evaluation (-1: the rest; without -1 the first devices); each host searches its own "
                       "share of the problems")
@@ -88,6 +93,11 @@ def define() -> None:
                        "keys/values of expanded tree nodes, so expanding a child prefills only its new step; the "
                        "least recently used are dropped past it (0: off, each expansion prefills prompt and path)",
                        lower_bound=0)
+
+
+def tfds_dirs() -> dict[str, str | None]:
+    """Where `tfds:` and `pool:` problem sets are built and read from (keyword arguments of `load_benchmark`)."""
+    return {"data_dir": flags.FLAGS.tfds_data_dir, "manual_dir": flags.FLAGS.tfds_manual_dir}
 
 
 def search_profile() -> tuple[int, int]:

@@ -190,3 +190,21 @@ def test_pool_mapper_on_our_own_format_keeps_ids_and_lists():
 def test_every_schema_mapper_is_wired_to_its_builder():
     assert benchmarks.RstarGsm8k.SCHEMA is source_schemas.gsm8k_problem
     assert {cls.SCHEMA.__name__ for cls in BENCHMARKS.values()} == {f"{n}_problem" for n in BENCHMARKS}
+
+
+def test_a_pool_spec_loads_a_training_pool_for_search_and_rounds(tmp_path):
+    """`--problems=pool:<preset>:<files>` (experiments.search, .evaluate, .round): built once under a name that
+    digests the files, so a changed file is a new build rather than a refusal."""
+    from experiments.search import load_problem_set
+    data = tmp_path / "data"
+    problems = load_problem_set(f"pool:numinamath:{POOL}", data_dir=str(data))
+    assert [p["answer"] for p in problems] == ["4", "\\frac{1}{2}", "-3"]
+    assert load_problem_set(f"pool:numinamath:{POOL.parent}", 2, data_dir=str(data)) == problems[:2]
+    grown = tmp_path / "numinamath.jsonl"
+    shutil.copy(POOL, grown)
+    first = load_problem_set(f"pool:numinamath:{grown}", data_dir=str(data))
+    with open(grown, "a") as f:
+        f.write(json.dumps({"problem": "What is 1+1?", "solution": "It is \\boxed{2}."}) + "\n")
+    assert len(load_problem_set(f"pool:numinamath:{grown}", data_dir=str(data))) == len(first) + 1
+    with pytest.raises(ValueError, match="expected pool:<preset>:<files> with a preset of jsonl, numinamath"):
+        load_problem_set(f"pool:numina:{POOL}", data_dir=str(data))

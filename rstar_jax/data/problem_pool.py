@@ -114,6 +114,11 @@ def _file_manifest(paths: list[str]) -> list[dict]:
     return [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in paths]
 
 
+def pool_manifest(files: str | os.PathLike) -> list[dict]:
+    """The source files an (absolute or working-directory-relative) `files` spec names, with their sizes."""
+    return _file_manifest(resolve_pool_files(os.path.abspath(os.fspath(files)), None))
+
+
 class RstarProblemPool(ProblemSetBuilder):
     """A training problem pool from local JSONL / JSON files (no public download)."""
 
@@ -172,7 +177,7 @@ def open_problem_pool(
     """
     if preset not in POOL_PRESETS:
         raise ValueError(f"unknown pool preset {preset!r}; known: {', '.join(POOL_PRESETS)}")
-    source_files = resolve_pool_files(os.path.abspath(os.fspath(files)), None)
+    manifest = pool_manifest(files)
     preset_config = POOL_PRESETS[preset]
     config = dataclasses.replace(
         preset_config, name=name, files=os.path.abspath(os.fspath(files)),
@@ -183,7 +188,7 @@ def open_problem_pool(
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=mode, try_download_gcs=False))
     built_from = builder.info.metadata.get("source_files")
-    if built_from != _file_manifest(source_files):
+    if built_from != manifest:
         raise ValueError(
             f"problem pool {name!r} in {builder.data_dir} was built from {built_from}, not from the "
             f"files now at {files}; pass rebuild=True or use another name")
