@@ -29,7 +29,6 @@ setup(
         "tensorflow-datasets==4.9.10",
         "importlib_resources==7.1.0",  # tfds needs it for builders inside packages (declared only for py<3.9)
         "array-record==0.8.6",
-        "grain==0.2.18",
         "tensorboardX==2.6.5",
         "absl-py==2.5.1",
         # Evaluation plots (PNG, headless Agg backend) and matplotlib's own requirements, pinned.

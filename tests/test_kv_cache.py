@@ -1,4 +1,6 @@
-"""KV-cache decode with a prompt prefix shared by n samples equals the plain full forward."""
+"""The decoder: KV-cache decode with a prompt prefix shared by n samples equals the plain full forward; its
+profiler scopes."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -67,3 +69,13 @@ def test_query_blocks_bound_the_logits_memory(monkeypatch):
         assert 64 <= block <= 512 and (block == 64 or batch * 4 * block * 1024 * 4 <= 8 << 20)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert query_block(batch=64, heads=28, keys=4096) == 512  # accelerators pool their memory
+
+
+def test_profiler_scopes_name_each_block_of_a_layer():
+    """Traces of a step show every layer's attention and MLP, and the LM head, by name."""
+    model = Qwen2(preset("tiny").replace(num_layers=2), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    forward = jax.jit(lambda t: model.logits(model(t, jnp.arange(8)[None], jnp.ones((1, 8), bool))[0]))
+    text = forward.lower(tokens).as_text(debug_info=True)
+    for scope in ("layer_0/attention", "layer_0/mlp", "layer_1/attention", "layer_1/mlp", "lm_head"):
+        assert scope in text, scope

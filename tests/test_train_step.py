@@ -56,6 +56,14 @@ def test_sharded_step_equals_unsharded(mesh_shape):
     trainer, m8, p8 = _one_step(mesh_shape=mesh_shape)
     spec = trainer.param_shardings["layers"][0]["mlp"]["up_proj"].spec
     assert spec == jax.sharding.PartitionSpec("fsdp" if mesh_shape[1] > 1 else None, "tensor")
+    # Adam's moments are sharded like their parameters.
+    state = trainer.init_state()
+    leaves = lambda tree: [(jax.tree_util.keystr(p), x.sharding.spec) for p, x in
+                           jax.tree_util.tree_flatten_with_path(tree)[0]]
+    specs = dict(leaves(state.params))
+    moments = [(key.split(f".{m}", 1)[1], spec) for m in ("mu", "nu") for key, spec in leaves(state.opt_state)
+               if f".{m}[" in key]
+    assert len(moments) == 2 * len(specs) and all(spec == specs[path] for path, spec in moments)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
     for k in p1:

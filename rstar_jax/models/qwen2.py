@@ -134,9 +134,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, positions, mask, cache_kv=None, index=None, prefix=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, index, prefix)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        with jax.named_scope("attention"):  # profiler traces name each block of a layer
+            attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, index, prefix)
+            x = x + attn_out
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return parallel.constrain(x, ("batch", "seq", "act_embed")), kv
 
 
