@@ -81,6 +81,9 @@ class TrainStageConfig:
                                  ATTENTION_IMPLS)
     head_dropout: float = _field(0.1, "dropout on the value head's input in training (the reference's 0.1)",
                                  reward_only=True, check=(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
+    score_head: str = _field("reference", "reward model score: reference (the loss on the raw score; the search "
+                             "reads tanh(raw / 5)) or paper (the loss on, and the search reading, tanh(raw) in "
+                             "[-1, 1]); the export records which", "enum", ("reference", "paper"), reward_only=True)
     remat: bool = _field(False, "recompute each decoder layer in the backward pass (saves memory)")
     loss_chunk: int = _field(0, "positions per pass through the LM head, its logits recomputed in the backward "
                              "pass, so the [batch, seq, vocab] logits are never held whole (0: all at once)",
@@ -166,6 +169,7 @@ def _model(task_name: str, cfg: TrainStageConfig, tokenizer, mesh):
     from rstar_jax import tokenizer as tk
     from rstar_jax.models import PPM, Qwen2, preset
     from rstar_jax.models.hf_io import load_hf
+    from rstar_jax.models.ppm import DEFAULT_SCORE_SCALE
     reward = task_name != "sft"
     if bool(cfg.init_hf_dir) == bool(cfg.preset):
         raise ValueError("give exactly one of init_hf_dir and preset")
@@ -175,6 +179,8 @@ def _model(task_name: str, cfg: TrainStageConfig, tokenizer, mesh):
     else:
         model_cfg = preset(cfg.preset).replace(attention_impl=cfg.attention_impl)
         model = PPM(model_cfg, rngs=nnx.Rngs(cfg.seed)) if reward else Qwen2(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    if reward:
+        model.score_scale = 1.0 if cfg.score_head == "paper" else DEFAULT_SCORE_SCALE
     return tk.sync_model_vocab(model, tokenizer, nnx.Rngs(cfg.seed + 1), pad_to_multiple_of=mesh.shape["tensor"])
 
 
@@ -216,7 +222,8 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     task = task_cls(tokenizer, cfg.max_len, cfg.overlength,
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                     **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else
-                       {"loss_chunk": cfg.loss_chunk}))
+                       {"loss_chunk": cfg.loss_chunk}),
+                    **({"bounded": cfg.score_head == "paper"} if task_name == "ppm" else {}))
     records = read_records(task_cls.kind, train_files)
     holdout = cfg.holdout_fraction
     if holdout is None:  # the default: a reward model's accuracy on 5%, when that is at least one record
@@ -249,7 +256,9 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
                   "max_len": cfg.max_len, "overlength": cfg.overlength, "examples": len(examples),
                   "records_digest": _digest([r.fields for r in records]),
                   "compute_dtype": cfg.compute_dtype, "init": cfg.init_hf_dir or f"preset:{cfg.preset}",
-                  **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else {})}
+                  **({"head_dropout": cfg.head_dropout} if task_cls.is_reward_model else {}),
+                  **({"score_head": cfg.score_head} if task_cls.is_reward_model and cfg.score_head != "reference"
+                     else {})}  # runs from before the paper's head resume as they were
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), run_config, every=cfg.checkpoint_every,
                                 keep=cfg.keep_checkpoints)
     checkpointer.check_compatible()  # before anything is written: a mismatched rerun must not touch the run dir

@@ -19,6 +19,9 @@ sig = lambda x: 1 / (1 + math.exp(-x))
 class FirstTokenScorer:
     """A stand-in reward model: the score of a sequence is its first token id / 10."""
 
+    def __init__(self, score_scale=5.0):
+        self.score_scale = score_scale
+
     def __call__(self, tokens, mask, head_dropout=None):
         assert head_dropout is None  # the tasks ask for dropout only in training with a rate > 0
         return tokens[:, 0].astype(jnp.float32) / 10
@@ -41,6 +44,17 @@ def test_pairwise_loss_weights_and_normaliser_by_hand():
     np.testing.assert_allclose(task.normalizer(batch), 1 / 4 + 1 / 4 + 1, rtol=1e-6)  # padding row excluded
     hits, count = metrics["accuracy"]
     assert (float(hits), float(count)) == (2.0, 3.0)
+
+
+def test_the_papers_head_compares_bounded_scores():
+    """--score_head=paper: the loss on tanh(raw) (the model's scale 1), what the search then reads."""
+    task = PPMTask(CharTokenizer(), 8, bounded=True)
+    total, metrics = task.loss_sums(FirstTokenScorer(score_scale=1.0), _pair_batch())
+    t = math.tanh
+    expected = -(math.log(sig(t(1.0) - t(0.0))) / 4 + math.log(sig(t(0.5) - t(1.0))) / 4
+                 + math.log(sig(t(2.0) - t(-1.0))))
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert float(metrics["accuracy"][0]) == 2.0
 
 
 def test_pqm_mse_on_bounded_score_and_orm_bce_by_hand():

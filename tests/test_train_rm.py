@@ -58,6 +58,34 @@ def test_train_rm_ppm_end_to_end(tmp_path):
     mask = jnp.asarray([[True] * len(r) + [False] * (width - len(r)) for r in rows])
     r_pos, r_neg = np.asarray(ppm(tokens, mask))
     assert r_pos > r_neg
+    with open(out / "hf" / "config.json") as f:  # the reference's head: the search reads tanh(raw / 5)
+        assert json.load(f)["rstar_score_scale"] == ppm.score_scale == 5.0
+
+
+def test_the_papers_ppm_head_is_exported_and_read_by_the_search(tmp_path):
+    """--score_head=paper: trained on tanh(raw), and the scorer the search loads reads tanh(raw) too."""
+    pairs = [{"id": f"p{i}", "prompt": f"Q: {i}?\nA:", "pos": " right", "neg": " wrong", "pos_count": 1, "margin": 1.0,
+              "neg_count": 1} for i in range(16)]
+    records = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    make_bpe_tokenizer(str(tmp_path / "tok"), [p["prompt"] + p["pos"] + p["neg"] for p in pairs], vocab_size=200)
+    out = tmp_path / "ppm"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train_rm", "--task=ppm", "--preset=tiny", "--score_head=paper",
+         f"--tokenizer_dir={tmp_path / 'tok'}", f"--train_records={records}", f"--out_dir={out}", "--max_len=16",
+         "--batch_size=8", "--max_steps=4", "--learning_rate=2e-3", "--holdout_fraction=0", "--length_buckets=16",
+         "--peak_flops=1e11"], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "hf" / "config.json") as f:
+        assert json.load(f)["rstar_score_scale"] == 1.0
+
+    from experiments.search import load_scorer
+    from rstar_jax.models.hf_io import load_hf
+    from rstar_jax.tokenizer import load_tokenizer
+    text = "Q: 3?\nA: right"
+    ids = load_tokenizer(str(out / "hf")).encode(text, add_special_tokens=False)
+    raw = float(load_hf(str(out / "hf"), ppm=True)(jnp.asarray([ids]), jnp.ones((1, len(ids)), bool))[0])
+    np.testing.assert_allclose(load_scorer(str(out / "hf"), max_tokens=64).score([text])[0], np.tanh(raw), rtol=1e-5)
 
 
 @pytest.mark.parametrize("task", ["pqm", "orm"])

@@ -28,7 +28,7 @@ from flax import nnx
 
 from rstar_jax import parallel
 from rstar_jax.models.config import ModelConfig, from_hf_config
-from rstar_jax.models.ppm import PPM, ValueHead
+from rstar_jax.models.ppm import DEFAULT_SCORE_SCALE, PPM, SCORE_SCALE_KEY, ValueHead
 from rstar_jax.models.qwen2 import Qwen2
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,9 @@ def load_hf(hf_dir: str, *, ppm: bool = False, mesh: jax.sharding.Mesh | None = 
     cfg = from_hf_config(hf_dir, **config_overrides)
     if mesh is not None:
         parallel.check_tensor_parallel(mesh, cfg.num_kv_heads)
-    build = (lambda: PPM(cfg, rngs=nnx.Rngs(0))) if ppm else (lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        scale = json.load(f).get(SCORE_SCALE_KEY, DEFAULT_SCORE_SCALE)  # a policy's: the default
+    build = (lambda: PPM(cfg, rngs=nnx.Rngs(0), score_scale=scale)) if ppm else (lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
     abstract, skip = nnx.eval_shape(build), frozenset()
     if not lm_head and not cfg.tie_embeddings:
         del abstract.backbone.lm_head
@@ -418,6 +420,8 @@ def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: i
             json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map},
                       f, indent=2)
     hf_config = cfg.to_hf_dict()
+    if isinstance(model, PPM):
+        hf_config[SCORE_SCALE_KEY] = model.score_scale
     if tokenizer is not None:  # HF generate() stops at the config's eos id, as Qwen2.5-Math's config.json sets it
         hf_config.update({f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")})
     with open(os.path.join(out_dir, "config.json"), "w") as f:

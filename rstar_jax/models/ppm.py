@@ -8,8 +8,10 @@ from flax import nnx
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.qwen2 import Qwen2, positions_from_mask
 
-# rStar serves tanh(raw / 5): raw scores train unbounded, search sees [-1, 1].
+# The reference serves tanh(raw / 5): raw scores train unbounded, search sees [-1, 1]. The paper's head is
+# tanh(raw) in [-1, 1], trained and served alike (scale 1). An export records its scale (config.json).
 DEFAULT_SCORE_SCALE = 5.0
+SCORE_SCALE_KEY = "rstar_score_scale"
 
 # The value head replaces the policy's LM head, so an untied head the PPM inherits is never read. It is kept
 # (an export stays a complete Qwen2ForCausalLM checkpoint) but not trained: no fp32 copy, gradient or AdamW state.
@@ -42,9 +44,11 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
 
 
 class PPM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, backbone: Qwen2 | None = None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, backbone: Qwen2 | None = None,
+                 score_scale: float = DEFAULT_SCORE_SCALE):
         self.backbone = backbone if backbone is not None else Qwen2(cfg, rngs=rngs)
         self.v_head = ValueHead(cfg.hidden_size, rngs)
+        self.score_scale = float(score_scale)  # the search reads tanh(raw / score_scale)
 
     @property
     def config(self) -> ModelConfig:

@@ -20,7 +20,8 @@ CONTEXT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Scorer:
-    """`score(texts)` -> tanh(raw / 5) per text, the value MCTS sees, from one jitted forward per bucket.
+    """`score(texts)` -> tanh(raw / score_scale) per text (the model's scale: 5 for the reference's head, 1
+    for the paper's), the value MCTS sees, from one jitted forward per bucket.
 
     Texts longer than `max_tokens` keep their tail: the newest step is what is being scored (the reference
     truncated the tail away).
@@ -53,7 +54,8 @@ class Scorer:
         return self._map(run, batches)
 
     def _forward_impl(self, params, tokens, mask):
-        return search_score(nnx.merge(self.graphdef, params)(tokens, mask))  # [R]
+        model = nnx.merge(self.graphdef, params)
+        return search_score(model(tokens, mask), model.score_scale)  # [R]
 
     def _context_kv_impl(self, params, tokens, mask):
         """tokens, mask: [B, P] left-padded -> keys/values [2, L, B, G, P, Dh] (rotary positions from 0)."""
@@ -74,7 +76,8 @@ class Scorer:
         hidden, cache = model.backbone(rest, start[:, None] + positions_from_mask(rest_mask), rest_mask,
                                        KVCache.zeros(model.config, rows, rest.shape[1]).replace(prefix=shared))
         # Left padding: every row's last token is at S-1.
-        return search_score(model.v_head(hidden[:, -1])), jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)])
+        return (search_score(model.v_head(hidden[:, -1]), model.score_scale),
+                jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)]))
 
     def _forward_groups_impl(self, params, prefix, prefix_mask, rest, rest_mask):
         """The prefix [B, P] runs once for its n rows of rest [B*n, S]: [B*n] scores."""

@@ -1,10 +1,11 @@
 """The pluggable part of the trainer: how records become token rows, rows become a batch, a batch a loss.
 
 One task per training stage: `SFTTask` (policy, response-only next-token loss), `PPMTask` (pairwise
-Bradley-Terry with 1/(pos*neg) weights, score at the last real token), `PQMTask` (MSE of the bounded
-score tanh(raw/5) against the Q value) and `ORMTask` (binary cross-entropy of sigmoid(raw) against the
-trajectory's correctness; search_score(raw) = tanh(raw/5) is monotone in raw, so best-of-N ranks
-candidates the same way the ORM was trained to). Sequences are right-padded; every batch array has a
+Bradley-Terry with 1/(pos*neg) weights, score at the last real token: on the raw score as the reference
+does, or on the bounded one as the paper does), `PQMTask` (MSE of the bounded score tanh(raw/scale)
+against the Q value) and `ORMTask` (binary cross-entropy of sigmoid(raw) against the trajectory's
+correctness; the bounded score is monotone in raw, so best-of-N ranks candidates the same way the ORM
+was trained to). Sequences are right-padded; every batch array has a
 leading row axis, and rows of a padded (partial) batch have all-zero masks and `valid` False.
 """
 from __future__ import annotations
@@ -224,11 +225,19 @@ class PPMTask(_ScoreTask):
                 "pos_count": count("pos_count"), "neg_count": count("neg_count"),
                 "valid": np.asarray([r is not None for r in rows])}
 
+    def __init__(self, *args, bounded: bool = False, **kwargs):
+        """bounded: the loss compares the scores the search reads, tanh(raw / model.score_scale) (the paper's
+        head, scale 1), instead of the raw scores (the reference)."""
+        super().__init__(*args, **kwargs)
+        self.bounded = bounded
+
     def loss_sums(self, model, batch, key=None):
         b = batch["pos_tokens"].shape[0]
         # One forward over [2B, T]: positives then negatives.
         scores = self._scores(model, jnp.concatenate([batch["pos_tokens"], batch["neg_tokens"]]),
                               jnp.concatenate([batch["pos_mask"], batch["neg_mask"]]), key)  # [2B]
+        if self.bounded:
+            scores = search_score(scores, model.score_scale)
         r_pos, r_neg = scores[:b], scores[b:]
         total, _ = losses.pairwise_preference_sums(r_pos, r_neg, batch["pos_count"], batch["neg_count"],
                                                    batch["valid"])
@@ -257,12 +266,12 @@ class _SingleScoreTask(_ScoreTask):
 
 
 class PQMTask(_SingleScoreTask):
-    """Q-value regression: MSE of the bounded score tanh(raw/5) (what the search reads) against q."""
+    """Q-value regression: MSE of the bounded score tanh(raw/scale) (what the search reads) against q."""
 
     kind, target = "pqm", "q"
 
     def loss_sums(self, model, batch, key=None):
-        pred = search_score(self._scores(model, batch["tokens"], batch["mask"], key))  # [B] in [-1, 1]
+        pred = search_score(self._scores(model, batch["tokens"], batch["mask"], key), model.score_scale)  # [B]
         total, _ = losses.squared_error_sums(pred, batch["q"], batch["valid"])
         valid = batch["valid"].astype(jnp.float32)
         same_sign = (pred > 0) == (batch["q"] > 0)
