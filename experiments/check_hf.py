@@ -13,18 +13,29 @@ does not load. Without torch it runs only our model, prints its top tokens, and 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
 
 flags.DEFINE_string("hf_dir", None, "HF Qwen2 checkpoint directory (config.json + safetensors)")
 flags.DEFINE_bool("ppm", False, "the directory holds a PPM (value head `v_head.summary.*`)")
-flags.DEFINE_float("tolerance", 1e-4, "largest accepted max abs difference (logits, and PPM score)")
+flags.DEFINE_float("tolerance", 1e-4, "largest accepted max abs difference (logits, and PPM score)", lower_bound=0)
 flags.DEFINE_string("prompt", "Question: what is 12 * 7? Let's think step by step.",
                     "text to run, when the directory has a tokenizer")
+flags.register_validator("prompt", bool, "--prompt must not be empty")
 FLAGS = flags.FLAGS
+
+# The loader's hints name its Python arguments; this program's user needs the flag or file to change instead.
+_HINTS = {
+    "(a PPM starts from one with load_hf(..., init_missing_value_head=True), as experiments.train_rm does)":
+        "(check it without --ppm)",
+    "the checkpoint has a value head: load it with ppm=True": "the checkpoint has a value head: check it with --ppm",
+    "load with tie_embeddings=False": "if they are meant to differ, set tie_word_embeddings to false in config.json",
+}
 
 _FIXED_LENGTH = 12
 _TOP_K = 5
@@ -43,10 +54,10 @@ def _token_ids(tokenizer, prompt: str, vocab_size: int) -> list[int]:
         return [(7919 * i + 11) % vocab_size for i in range(_FIXED_LENGTH)]
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise ValueError(f"--prompt={prompt!r} encodes to no tokens")
+        raise InputError(f"--prompt={prompt!r} encodes to no tokens")
     too_big = [i for i in ids if i >= vocab_size]
     if too_big:
-        raise ValueError(f"the tokenizer gives ids {too_big[:5]} beyond the model's vocab_size={vocab_size}")
+        raise InputError(f"the tokenizer gives ids {too_big[:5]} beyond the model's vocab_size={vocab_size}")
     return ids
 
 
@@ -116,7 +127,10 @@ def check(hf_dir: str, *, ppm: bool = False, tolerance: float = 1e-4, prompt: st
     try:
         model = load_hf(hf_dir, ppm=ppm, dtype="float32")  # fp32 on both sides, so the tolerance means parity
     except ValueError as e:  # CheckpointError and config errors: the directory itself is the problem
-        print(f"FAILED: {hf_dir} does not load into our model:\n{e}")
+        message = str(e)
+        for python, flag in _HINTS.items():
+            message = message.replace(python, flag)
+        print(f"FAILED: {hf_dir} does not load into our model:\n{message}")
         return 1
     cfg = model.config
     print(f"{hf_dir}: {'PPM' if ppm else 'policy'}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
@@ -153,8 +167,11 @@ def check(hf_dir: str, *, ppm: bool = False, tolerance: float = 1e-4, prompt: st
 
 def main(argv):
     check_usage(argv, "hf_dir")
+    if not os.path.isdir(FLAGS.hf_dir):  # not "no config.json": there is no directory to look in
+        raise InputError(f"--hf_dir={FLAGS.hf_dir}: " + ("not a directory" if os.path.exists(FLAGS.hf_dir)
+                                                        else "no such directory"))
     return check(FLAGS.hf_dir, ppm=FLAGS.ppm, tolerance=FLAGS.tolerance, prompt=FLAGS.prompt)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 GIB = 2**30
 
@@ -172,3 +173,9 @@ def mesh_over(shape, count: int):
 
     from rstar_jax import parallel
     return parallel.make_mesh(parallel.MeshConfig(*shape), devices=jax.devices()[:count])
+
+
+if __name__ == "__main__":  # a library of experiments.round: run alone, it would silently do nothing
+    sys.stderr.write("experiments.dry_run: error: not a program; use python -m experiments.round --dry_run ... "
+                     "(the round's flags choose the models, mesh and sizes)\n")
+    sys.exit(2)

@@ -26,7 +26,8 @@ from absl import app, flags
 
 from experiments import multihost, search_flags
 from experiments.stages import write_json_atomic
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
 
 METHODS = ("greedy", "majority", "best_of_n", "beam", "mcts")
 NEEDS_REWARD_MODEL = ("best_of_n", "beam", "mcts")
@@ -41,15 +42,20 @@ def define_flags() -> None:
     flags.DEFINE_string("problems", None, "problem set: JSONL/JSON file, tfds:<benchmark>, or "
                         "pool:<preset>:<files>")
     flags.DEFINE_string("set_name", None, "name of the set in the report (default: from --problems)")
+    flags.register_validator("set_name", lambda v: v is None or bool(v.strip()),
+                             "--set_name must not be empty (leave it out for the default)")
     flags.DEFINE_integer("limit", 0, "evaluate the first N problems (0 = all)", lower_bound=0)
     flags.DEFINE_string("policy", None, "policy: HF directory")
     flags.DEFINE_string("reward_model", None, "PPM / ORM HF directory (best_of_n, beam, mcts)")
     flags.DEFINE_list("methods", ["greedy", "majority", "mcts"], f"any of {', '.join(METHODS)}")
+    flags.register_validator("methods", bool, "--methods must name at least one method")
     flags.DEFINE_list("ns", ["1", "2", "4", "8"], "N values: samples (majority, best_of_n), searches (mcts)")
     flags.DEFINE_list("selections", list(SELECTIONS), "MCTS answer selections over the N searches")
-    flags.DEFINE_integer("vote_top_k", 4, "k of majority_of_top_k")
-    flags.DEFINE_integer("beam_width", 8, "step beam search width (samples per entry: --num_candidates)")
-    flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples of the 95% interval")
+    # Bounded here, so that a bad value stops the run before any generation, not after it.
+    flags.DEFINE_integer("vote_top_k", 4, "k of majority_of_top_k", lower_bound=1)
+    flags.DEFINE_integer("beam_width", 8, "step beam search width (samples per entry: --num_candidates)",
+                         lower_bound=1)
+    flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples of the 95% interval", lower_bound=1)
     flags.DEFINE_string("out", None, "output directory")
 
 
@@ -65,6 +71,9 @@ class EvalSpec:
     bootstrap: int = 1000
 
     def __post_init__(self):
+        # Checked here, before anything runs: the settings are first used after generation and search.
+        if not self.methods:
+            raise ValueError(f"no methods; expected any of {METHODS}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; expected any of {METHODS}")
@@ -73,6 +82,10 @@ class EvalSpec:
         bad = [s for s in self.selections if s not in SELECTIONS]
         if bad:
             raise ValueError(f"unknown selection(s) {bad}; expected any of {SELECTIONS}")
+        small = [f"{name}={getattr(self, name)}" for name in ("vote_top_k", "beam_width", "bootstrap")
+                 if getattr(self, name) < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be >= 1")
 
 
 def _digest(*parts) -> str:
@@ -129,7 +142,7 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     from rstar_jax.verify.sandbox import Sandbox
 
     if not problems:
-        raise ValueError(f"{set_name}: no problems to evaluate")
+        raise InputError(f"{set_name}: no problems to evaluate")
     missing = [m for m in spec.methods if m in NEEDS_REWARD_MODEL and not reward_dir]
     if missing:
         raise ValueError(f"method(s) {missing} need a reward model (--reward_model)")
@@ -258,4 +271,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

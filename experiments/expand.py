@@ -8,7 +8,8 @@ prefilled once and `n` candidate steps are sampled, each stopping at a step tag;
 program (the current `<code>` block, replayed from scratch) runs in the sandbox, and every answer
 candidate is graded against the reference. Writes one JSON line per candidate to `--out` and prints a
 summary. Without `--hf_dir` the policy is the miniature's tiny Qwen2, taught the step format by a short
-warm-up on generated solutions (a stand-in until the rounds pipeline trains the miniature's base model).
+warm-up on generated solutions (a quick look at the step format; `experiments.round` trains the miniature's real
+base model).
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import random
 import re
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import multihost
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
 
 FLAGS = flags.FLAGS
 
@@ -30,7 +31,8 @@ def define_flags() -> None:
     """Called by main only, so tests can import the miniature helpers next to other tools' flags."""
     flags.adopt_module_key_flags(multihost)  # absl's --help lists the main module's flags only
     flags.DEFINE_string("hf_dir", None, "HF Qwen2 directory (weights + tokenizer); default: the miniature")
-    flags.DEFINE_string("problems", None, "JSONL problems {id, question, answer}; default: 4 generated")
+    flags.DEFINE_string("problems", None, "problems as experiments.search takes them (a JSONL/JSON file, "
+                        "tfds:<benchmark>, pool:<preset>:<files>); default: 4 generated")
     flags.DEFINE_string("prefix", "", "partial solution (step texts so far) appended to every prompt")
     flags.DEFINE_integer("n", 4, "candidate steps per problem")
     flags.DEFINE_integer("max_step_tokens", 64, "token limit of one step")
@@ -126,8 +128,8 @@ def warm_up(model, tokenizer, examples, steps: int, seed: int, batch: int = 8):
 
 def main(argv):
     check_usage(argv)
+    from experiments.search import load_problem_set
     from rstar_jax import tokenizer as tk
-    from rstar_jax.data import load_problems
     from rstar_jax.sampling import Sampler, SamplingConfig
     from rstar_jax.verify.grader import Grader
     from rstar_jax.verify.program import assemble_program, is_answer_step
@@ -141,7 +143,7 @@ def main(argv):
     out = FLAGS.out if jax.process_count() == 1 else os.path.join(FLAGS.out, f"process_{jax.process_index()}")
     os.makedirs(out, exist_ok=True)
     rng = random.Random(FLAGS.seed + 1)  # held out from the warm-up corpus's stream
-    problems = load_problems(FLAGS.problems) if FLAGS.problems else [example_problem(rng, i)[0] for i in range(4)]
+    problems = load_problem_set(FLAGS.problems) if FLAGS.problems else [example_problem(rng, i)[0] for i in range(4)]
     problems = parallel.host_shard(problems)
     timings = {}
     start = time.perf_counter()
@@ -207,4 +209,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

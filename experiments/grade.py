@@ -14,9 +14,10 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
 from rstar_jax.jsonl import json_objects
 from rstar_jax.verify.answer_extract import reference_answers
 from rstar_jax.verify.grader import Grader
@@ -28,12 +29,14 @@ def define_flags() -> None:
     """Flags are defined only when run as a program, so tests can import this module next to other
     tools that define flags of the same name (absl refuses duplicate names in one process)."""
     flags.DEFINE_string("pairs", None, "JSONL file of {\"pred\": ..., \"ref\": ...} lines")
-    flags.DEFINE_integer("num_workers", 2, "grader worker processes")
+    flags.DEFINE_integer("num_workers", 2, "grader worker processes", lower_bound=1)
     flags.DEFINE_float("timeout_s", 5.0, "time bound of one comparison, seconds")
+    flags.register_validator("timeout_s", lambda v: v > 0, "--timeout_s must be positive")
     flags.DEFINE_float("rel_tol", 1e-4, "relative tolerance for decimal numbers")
+    flags.register_validator("rel_tol", lambda v: 0 <= v < 1, "--rel_tol must be in [0, 1)")  # the Grader's range
 
 
-class PairsFileError(ValueError):
+class PairsFileError(InputError):
     """A line of the pairs file that cannot be graded; the message names the file and line."""
 
 
@@ -88,4 +91,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

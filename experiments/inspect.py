@@ -14,7 +14,8 @@ import os
 
 from absl import app, flags
 
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 _SHOWN_IDS = 10  # how many available ids an error lists
@@ -24,12 +25,13 @@ def define_flags() -> None:
     from rstar_jax.search.render import SORT_KEYS, SVG_MAX_NODES
     flags.DEFINE_string("trees", None, "a trees.jsonl written by experiments.search")
     flags.DEFINE_string("problem_id", None, "the problem to draw (its first record, or the one with --seed)")
-    flags.DEFINE_integer("index", None, "the record to draw by position in the file (0-based), instead of an id")
+    flags.DEFINE_integer("index", None, "the record to draw by position in the file (0-based), instead of an id",
+                         lower_bound=0)
     flags.DEFINE_integer("seed", None, "with --problem_id: the record of this search seed (several runs per problem)")
     flags.DEFINE_string("out", None, "output file: .html (page) or .svg (picture)")
     flags.DEFINE_enum("sort", "q", list(SORT_KEYS), "children order: Q, visits (both highest first) or node id")
     flags.DEFINE_integer("svg_max_nodes", SVG_MAX_NODES, "SVG: draw at most this many nodes (chosen path first, "
-                         "then the most visited)")
+                         "then the most visited)", lower_bound=1)
 
 
 def find_record(path: str, problem_id: str | None = None, index: int | None = None, seed: int | None = None):
@@ -74,16 +76,20 @@ def main(argv):
     check_usage(argv, "trees", "out")
     if (FLAGS.problem_id is None) == (FLAGS.index is None):
         raise app.UsageError("give exactly one of --problem_id and --index")
+    if FLAGS.seed is not None and FLAGS.index is not None:  # --index names one record: a seed would be ignored
+        raise app.UsageError("--seed goes with --problem_id, not with --index")
     if os.path.splitext(FLAGS.out)[1].lower() not in (".html", ".htm", ".svg"):
         raise app.UsageError(f"--out must end in .html or .svg, got {FLAGS.out!r}")
+    # Bad data (a missing file, a malformed record: OSError, TreeRecordError) is reported by `run` as one
+    # line, without the usage text a UsageError prints first.
     try:
         record = find_record(FLAGS.trees, FLAGS.problem_id, FLAGS.index, FLAGS.seed)
-        render(record, FLAGS.out, FLAGS.sort, FLAGS.svg_max_nodes)
-    except (LookupError, ValueError, OSError) as e:  # TreeRecordError is a ValueError
-        raise app.UsageError(str(e)) from None
+    except LookupError as e:
+        raise InputError(str(e)) from None
+    render(record, FLAGS.out, FLAGS.sort, FLAGS.svg_max_nodes)
     print(f"wrote {FLAGS.out}: problem {record.problem_id!r} (seed {record.seed}), {len(record.nodes)} nodes")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 
 from experiments import stages
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
 
 FLAGS = flags.FLAGS
 
@@ -45,4 +45,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

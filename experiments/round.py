@@ -10,9 +10,10 @@ Stages, each skipped once complete (re-running the same command resumes where it
   round_<k>/policy                 SFT of the *base* model on the round's verified trajectories
   round_<k>/ppm                    the PPM: the new policy (round 1: the base model) + a value head, trained on
                                    the preference pairs (--reward_models adds round_<k>/pqm and round_<k>/orm)
-  round_<k>/eval                   greedy accuracy of the base and the new policy per difficulty; report.md
+  base_eval, round_<k>/eval        experiments.evaluate of the base model (once) and of the new policy with its
+                                   PPM (--eval_methods); report.md, and rounds.md over the rounds so far
 The round's search policy is --policy, else the previous round's policy (round 1: the base model); its
-PPM is --ppm, else the previous round's (used by --mode=ppm/inference). The flags are saved in the run
+PPM is --ppm, else the previous round's (used by --mode=ppm). The flags are saved in the run
 directory (the base model, the evaluation set and the miniature's flags for the whole run); a later
 invocation with different result-shaping flags is refused. Flags and inputs are checked before anything is
 written.
@@ -21,25 +22,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
 from absl import app, flags
 
 from experiments import multihost, search_flags, stages, train_common
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
+from rstar_jax.models.config import PRESETS
 from rstar_jax.search.config import SearchConfig
 
 FLAGS = flags.FLAGS
 REWARD_MODELS = ("ppm", "pqm", "orm")
 ROUNDS_SCHEMA = "rstar_jax.rounds/1"
 # Flags that do not change results: they may differ between invocations on one run directory (the memory
-# savers too, so a stage that ran out of memory can be resumed with them).
+# savers and the meshes too, so a stage that ran out of memory, or a job restarted on other devices, resumes).
 _FREE_FLAGS = ("progress_every_s", "batch_size", "sft_log_every", "ppm_log_every", "sft_profile_start",
                "ppm_profile_start", "sft_profile_steps", "ppm_profile_steps", "search_profile_start",
-               "search_profile_iterations", "profile", "dry_run", "dry_run_devices", "device_memory_gib", "model_preset",
-               "search_mesh", "sft_remat", "ppm_remat", "sft_loss_chunk", "score_cache_mib",
-               "policy_cache_mib")
+               "search_profile_iterations", "profile", "dry_run", "dry_run_devices", "device_memory_gib",
+               "model_preset", "search_mesh", "sft_mesh", "ppm_mesh", "sft_remat", "ppm_remat", "sft_loss_chunk",
+               "score_cache_mib", "policy_cache_mib")
 
 
 def define_flags() -> None:
@@ -94,10 +98,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("dry_run", False, "print the per-device memory plan of search and training on the target "
                       "mesh (fake CPU devices, abstract arrays) and exit; nothing is written")
     flags.DEFINE_integer("dry_run_devices", 8, "--dry_run: devices of the target (training mesh; the search mesh is "
-                         "per host)")
-    flags.DEFINE_float("device_memory_gib", 0.0, "--dry_run: memory per device, to say whether each stage fits")
-    flags.DEFINE_string("model_preset", None, "--dry_run: the base model's shapes (rstar_jax.models PRESETS) when its "
-                        "directory is not there yet")
+                         "per host)", lower_bound=1)
+    flags.DEFINE_float("device_memory_gib", 0.0, "--dry_run: memory per device, to say whether each stage fits "
+                       "(0: not said)", lower_bound=0)
+    flags.DEFINE_enum("model_preset", None, sorted(PRESETS), "--dry_run: the base model's shapes when its directory "
+                      "is not there yet")
 
 
 # ---- the miniature ---------------------------------------------------------------------------------
@@ -159,6 +164,19 @@ def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str |
     return {"rows": [{k: v for k, v in r.items() if k != "correct"} for r in summary["rows"]]}
 
 
+def base_eval_methods(stage_dir: str, eval_methods) -> list[str]:
+    """The base model's methods: those of `eval_methods` without a reward model (greedy, majority), added to what
+    an earlier round evaluated. When a round asks for one not yet there, the finished stage is reopened (process
+    0 removes its DONE.json) and runs again; the evaluation reuses the results it has, so only the new method
+    runs, and the rounds report gets the base model's figure for it."""
+    wanted = [m for m in eval_methods if m in ("greedy", "majority")] or ["greedy"]
+    done = stages.load_done(stage_dir)
+    evaluated = list(dict.fromkeys(r["method"] for r in done["rows"])) if done else []
+    if done and not set(wanted) <= set(evaluated) and stages.is_primary():
+        os.remove(os.path.join(stage_dir, stages.DONE))
+    return list(dict.fromkeys(evaluated + wanted))
+
+
 def coverage_by_difficulty(search_dir: str, problems: list[dict]) -> dict[str, float]:
     """Fraction of the pool's problems with a correct trajectory in the round's search, per difficulty."""
     import collections
@@ -203,7 +221,7 @@ def round_report(run_dir: str, k: int) -> str:
         cov = coverage[j].get("all") if coverage[j] else None
         lines.append(f"| {j} | " + " | ".join(pct(series[m][j]) for m in methods) + f" | {pct(cov)} |")
     lines += ["", "![accuracy](accuracy_per_round.png) ![coverage](coverage_per_round.png)", "",
-              f"Per-method tables: `base_eval/report.md`, `round_<k>/eval/report.md`."]
+              "Per-method tables: `base_eval/report.md`, `round_<k>/eval/report.md`."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "rounds.md"), "w") as f:
         f.write(text)
@@ -263,24 +281,28 @@ def check_inputs() -> RoundInputs:
     policy = FLAGS.policy or (os.path.join(previous, "policy", "hf") if k > 1 else base)
     ppm = FLAGS.ppm or (os.path.join(previous, "ppm", "hf") if k > 1 else None)
     if config.uses_ppm and ppm is None:
-        _fail(f"--mode={config.mode} needs a PPM: --ppm, or a finished round {k - 1}")
+        _fail(f"--mode={config.mode} needs a PPM: --ppm" + (f", or a finished round {k - 1}" if k > 1 else ""))
+    from rstar_jax.models.hf_io import check_hf_dir
     for what, path in (("base model", None if FLAGS.base_model == "miniature" else base),
                        ("search policy", policy if k > 1 or FLAGS.policy else None),
                        ("search PPM", ppm if config.uses_ppm else None)):
         if path is not None and not os.path.isdir(path):
             first = f"run round {k - 1} first, or " if k > 1 else ""
             _fail(f"{what} {path} does not exist ({first}pass --base_model/--policy/--ppm)")
-        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
-            _fail(f"{what} {path} is not a Hugging Face model directory (it has no config.json)")
+        if path is not None:
+            try:
+                check_hf_dir(path)
+            except InputError as e:
+                _fail(f"{what}: {e}")
 
     def problem_set(flag: str) -> list[dict] | None:
         spec = FLAGS[flag].value
         if spec == "miniature":
             return None
         try:
-            return load_problem_set(spec, **search_flags.tfds_dirs())
-        except (OSError, ValueError) as e:
-            _fail(f"--{flag}={spec}: {e}")
+            return load_problem_set(spec, **search_flags.tfds_dirs(), flag=flag)
+        except InputError as e:
+            _fail(str(e))
 
     problems = problem_set("problems")
     if problems is not None and FLAGS.limit:
@@ -289,6 +311,24 @@ def check_inputs() -> RoundInputs:
     if eval_problems is not None and FLAGS.eval_max_problems:
         eval_problems = eval_problems[:FLAGS.eval_max_problems]
     return RoundInputs(k, run_dir, base, policy, ppm, config, problems, eval_problems)
+
+
+def check_meshes() -> None:
+    """The meshes fit this job's devices, checked before the search: the training meshes span the devices of
+    all processes, the search mesh this host's (a fixed one may use fewer)."""
+    import jax
+
+    from rstar_jax import parallel
+    for flag in ("sft_mesh", "ppm_mesh", "search_mesh"):
+        shape = tuple(int(v) for v in FLAGS[flag].value)
+        devices = jax.local_device_count() if flag == "search_mesh" else jax.device_count()
+        try:
+            if flag == "search_mesh" and -1 not in shape and math.prod(shape) <= devices:
+                continue
+            parallel.MeshConfig(*shape).shape(devices)
+        except ValueError as e:
+            where = "this host's devices" if flag == "search_mesh" else "the devices of all processes"
+            _fail(f"--{flag}={','.join(map(str, shape))} does not fit {where}: {e}")
 
 
 def _unpinned_flags(names, here: str) -> set[str]:
@@ -381,9 +421,10 @@ def run_round(inputs: RoundInputs) -> dict:
     if eval_problems is None:
         eval_problems = _problems("miniature", os.path.join(mini_data, "eval.jsonl"))
         eval_problems = eval_problems[:FLAGS.eval_max_problems] if FLAGS.eval_max_problems else eval_problems
-    base_methods = [m for m in FLAGS.eval_methods if m in ("greedy", "majority")] or ["greedy"]
     # Evaluation runs on process 0's devices (the others wait).
-    stages.run_stage("base model evaluation", os.path.join(run_dir, "base_eval"), lambda d: evaluate_model(
+    base_eval = os.path.join(run_dir, "base_eval")
+    base_methods = base_eval_methods(base_eval, FLAGS.eval_methods)
+    stages.run_stage("base model evaluation", base_eval, lambda d: evaluate_model(
         d, eval_problems, base, None, base_methods, trained=False), primary_only=True)
     results = stages.run_stage("evaluation", os.path.join(here, "eval"), lambda d: evaluate_model(
         d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods,
@@ -415,15 +456,20 @@ def _base_model_config():
 
 def dry_run() -> str:
     """The per-device memory plan of the round's search, evaluation search and training stages."""
-    import math
-
     from experiments import dry_run as dr
     count = FLAGS.dry_run_devices
     dr.use_fake_devices(count)
     cfg = _base_model_config()
     gib = FLAGS.device_memory_gib or None
+
+    def mesh(flag: str, shape, devices: int):
+        try:
+            return dr.mesh_over(shape, devices)
+        except ValueError as e:
+            raise InputError(f"--{flag}={','.join(map(str, shape))} with --dry_run_devices={count}: {e}") from None
+
     shape = search_flags.search_mesh_shape()
-    search_mesh = dr.mesh_over(shape, count if -1 in shape else math.prod(shape))
+    search_mesh = mesh("search_mesh", shape, count if -1 in shape else math.prod(shape))
     parts = [f"dry run of round {FLAGS.round}: {cfg.num_params() / 1e9:.2f}B parameters ({cfg.dtype}), "
              f"{count} devices"]
     searches = (("search", FLAGS.num_candidates, search_flags.search_config().uses_ppm),
@@ -434,10 +480,11 @@ def dry_run() -> str:
             max_step_tokens=FLAGS.max_step_tokens, with_ppm=with_ppm), search_mesh, gib))
     for prefix, name in (("sft_", "policy SFT"), ("ppm_", "PPM training")):
         t = train_common.config_from_flags(prefix)
-        mesh = dr.mesh_over(tuple(int(v) for v in t.mesh), count)
+        train_mesh = mesh(f"{prefix}mesh", tuple(int(v) for v in t.mesh), count)
         parts.append(dr.format_plan(f"{name} (batch {t.batch_size} x {t.max_len} tokens)", dr.training_memory(
-            cfg, mesh, batch=t.batch_size, seq=t.max_len, microbatches=t.microbatches, compute_dtype=t.compute_dtype,
-            remat=t.remat, loss_chunk=t.loss_chunk, reward_model=prefix == "ppm_", stage=name), mesh, gib))
+            cfg, train_mesh, batch=t.batch_size, seq=t.max_len, microbatches=t.microbatches,
+            compute_dtype=t.compute_dtype, remat=t.remat, loss_chunk=t.loss_chunk, reward_model=prefix == "ppm_",
+            stage=name), train_mesh, gib))
     return "\n".join(parts)
 
 
@@ -452,6 +499,7 @@ def main(argv):
         return
     inputs = check_inputs()
     multihost.initialize()
+    check_meshes()
     stages.use_compilation_cache(FLAGS.run_dir)
     pin_round_flags()
     summary = run_round(inputs)
@@ -460,4 +508,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

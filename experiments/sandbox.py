@@ -14,11 +14,14 @@ import sys
 
 from absl import app, flags
 
+from experiments.usage import run
+from rstar_jax.errors import InputError
 from rstar_jax.verify.program import CODE, STEP_END, assemble_program
 from rstar_jax.verify.sandbox import Sandbox
 
 _TIMEOUT_S = flags.DEFINE_float("timeout_s", 30.0, "wall-clock limit per program (the reference uses 30 s)")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "sandbox workers; default one per core")
+flags.register_validator("timeout_s", lambda v: v > 0, "--timeout_s must be positive")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "sandbox workers; default one per core", lower_bound=1)
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "python", "steps"],
                             "how to read each file: a Python program, or rStar step text to assemble")
 
@@ -34,9 +37,12 @@ def main(argv):
     if not paths:
         raise app.UsageError("give at least one FILE to run")
     programs = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            programs.append(program_of(f.read(), _FORMAT.value))
+    for path in paths:  # every file is read before any runs (a missing or unreadable one is an OSError)
+        try:
+            with open(path, encoding="utf-8") as f:
+                programs.append(program_of(f.read(), _FORMAT.value))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     with Sandbox(num_workers=_NUM_WORKERS.value, timeout_s=_TIMEOUT_S.value) as sandbox:
         results = sandbox.run(programs)
     for path, program, result in zip(paths, programs, results):
@@ -45,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

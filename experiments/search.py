@@ -1,7 +1,7 @@
 """The search stage alone: problems and a policy (+ PPM) in, tree records and extracted training data out.
 
   python -m experiments.search --problems=pool.jsonl --policy=/ckpt/policy --out=runs/r1/trees --rollouts=8
-  python -m experiments.search --flagfile=experiments/configs/search_round3.flags --ppm=/ckpt/ppm ...
+  python -m experiments.search --problems=pool.jsonl --policy=/ckpt/policy --ppm=/ckpt/ppm --mode=ppm --out=r3
 
 Writes `OUT/trees.jsonl` (one record per finished search; `trees.process_<i>.jsonl` per host when
 several processes run) and, in the data-generation modes, `OUT/extracted/` (sft, pairs, pqm, orm, ...
@@ -20,7 +20,8 @@ import time
 from absl import app, flags
 
 from experiments import multihost, search_flags
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 
@@ -39,25 +40,31 @@ def define_flags() -> None:
     flags.DEFINE_float("progress_every_s", 30.0, "seconds between progress lines")
 
 
-def load_problem_set(spec: str, limit: int = 0, *, data_dir: str | None = None,
-                     manual_dir: str | None = None) -> list[dict]:
+def load_problem_set(spec: str, limit: int = 0, *, data_dir: str | None = None, manual_dir: str | None = None,
+                     flag: str = "problems") -> list[dict]:
     """The problems of `spec` (--problems): a JSONL/JSON file; `tfds:<benchmark>`; or `pool:<preset>:<files>`,
     a training pool of a file, folder or glob mapped by a `POOL_PRESETS` entry (`pool:numinamath:/data/*.jsonl`).
     The TFDS ones are built once into `data_dir` (a pool's name is a digest of its preset and files); a benchmark's
-    source file comes from `manual_dir`, else its public copy (`search_flags.tfds_dirs()`: the flags)."""
+    source file comes from `manual_dir`, else its public copy (`search_flags.tfds_dirs()`: the flags).
+    Bad or empty input raises an InputError that starts with `--{flag}={spec}`."""
     from rstar_jax.data import load_benchmark, load_problems
     from rstar_jax.data.problem_pool import POOL_PRESETS, open_problem_pool, pool_manifest
-    if spec.startswith("tfds:"):
-        problems = load_benchmark(spec[len("tfds:"):], data_dir=data_dir, manual_dir=manual_dir)
-    elif spec.startswith("pool:"):
-        preset, _, files = spec[len("pool:"):].partition(":")
-        if preset not in POOL_PRESETS or not files:
-            raise ValueError(f"{spec}: expected pool:<preset>:<files> with a preset of {', '.join(POOL_PRESETS)}")
-        digest = hashlib.sha256(json.dumps([preset, pool_manifest(files)]).encode()).hexdigest()[:12]
-        source = open_problem_pool(files, name=f"{preset}_{digest}", preset=preset, data_dir=data_dir)
-        problems = source[:limit or len(source)]
-    else:
-        problems = load_problems(spec)
+    try:
+        if spec.startswith("tfds:"):
+            problems = load_benchmark(spec[len("tfds:"):], data_dir=data_dir, manual_dir=manual_dir)
+        elif spec.startswith("pool:"):
+            preset, _, files = spec[len("pool:"):].partition(":")
+            if preset not in POOL_PRESETS or not files:
+                raise InputError(f"expected pool:<preset>:<files> with a preset of {', '.join(POOL_PRESETS)}")
+            digest = hashlib.sha256(json.dumps([preset, pool_manifest(files)]).encode()).hexdigest()[:12]
+            source = open_problem_pool(files, name=f"{preset}_{digest}", preset=preset, data_dir=data_dir)
+            problems = source[:limit or len(source)]
+        else:
+            problems = load_problems(spec)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--{flag}={spec}: {e}") from e
+    if not problems:
+        raise InputError(f"--{flag}={spec}: no problems in it")
     return problems[:limit] if limit else problems
 
 
@@ -145,15 +152,23 @@ def main(argv):
     check_usage(argv, "problems", "policy", "out")
     try:
         config = search_flags.search_config()
+        extract_config = search_flags.extract_config() if FLAGS.extract else None
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if config.uses_ppm and not FLAGS.ppm:
         raise app.UsageError(f"--mode={config.mode} needs --ppm (a reward model directory)")
+    from rstar_jax.models.hf_io import check_hf_dir
+    for flag in ("policy", "ppm"):  # before anything is written
+        if FLAGS[flag].value:
+            try:
+                check_hf_dir(FLAGS[flag].value)
+            except InputError as e:
+                raise InputError(f"--{flag}: {e}") from None
     multihost.initialize()
     start = time.perf_counter()
     problems = load_problem_set(FLAGS.problems, FLAGS.limit, **search_flags.tfds_dirs())
     stats = run_search(config, problems, FLAGS.policy, FLAGS.ppm, FLAGS.out,
-                       extract_config=search_flags.extract_config() if FLAGS.extract else None,
+                       extract_config=extract_config,
                        progress_every_s=FLAGS.progress_every_s, mesh_shape=search_flags.search_mesh_shape(),
                        profile=search_flags.search_profile(), **search_flags.cache_budgets())
     print(json.dumps({**stats, "total_s": round(time.perf_counter() - start, 1)}, default=str))
@@ -161,4 +176,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

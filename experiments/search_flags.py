@@ -9,6 +9,7 @@ import dataclasses
 
 from absl import flags
 
+from experiments import multihost
 from rstar_jax.search.config import MODES, SearchConfig
 from rstar_jax.search.extract import ExtractConfig
 
@@ -82,6 +83,8 @@ def define() -> None:
     flags.DEFINE_list("search_mesh", ["1", "1", "1"], "data,fsdp,tensor mesh of this host's devices for the policy "
                       "and PPM in search and evaluation (-1: the rest; without -1 the first devices); each host searches its own "
                       "share of the problems")
+    flags.register_validator("search_mesh", multihost.MESH_CHECK[0],
+                             message=f"--search_mesh must be {multihost.MESH_CHECK[1]}")
     flags.DEFINE_integer("search_profile_start", -1, "write a jax.profiler trace of search iterations from this one "
                          "(into <search output>/profile; phases annotated: select, generate, execute, grade, score, "
                          "backup); -1: off")
@@ -110,10 +113,7 @@ def cache_budgets() -> dict[str, float]:
 
 
 def search_mesh_shape() -> tuple[int, int, int]:
-    values = flags.FLAGS.search_mesh
-    if len(values) != 3:
-        raise ValueError(f"--search_mesh needs 3 sizes (data,fsdp,tensor), got {values}")
-    return tuple(int(v) for v in values)
+    return tuple(int(v) for v in flags.FLAGS.search_mesh)  # checked when the flags were parsed
 
 
 def search_config(**overrides) -> SearchConfig:
@@ -133,4 +133,8 @@ def search_config(**overrides) -> SearchConfig:
 
 
 def extract_config() -> ExtractConfig:
-    return ExtractConfig(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(ExtractConfig)})
+    """ExtractConfig from the flags; a bad value raises ValueError naming the flag."""
+    try:
+        return ExtractConfig(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(ExtractConfig)})
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None

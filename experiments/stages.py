@@ -18,10 +18,12 @@ import os
 import time
 from typing import Callable, Iterable
 
+from rstar_jax.errors import InputError
+
 DONE = "DONE.json"
 
 
-class FlagConflictError(ValueError):
+class FlagConflictError(InputError):
     pass
 
 

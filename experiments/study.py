@@ -6,18 +6,21 @@ differences.
 
 Reads only the stages' summaries (`base_eval/DONE.json`, `round_<k>/eval/DONE.json`,
 `round_<k>/search/DONE.json`) and writes `study.md` and `study.json` into --out. Accuracy on several
-difficulties is the mean of their accuracies (the miniature's evaluation sets have equal sizes).
+difficulties is the mean of their accuracies (the miniature's evaluation sets have equal sizes). Runs with
+fewer rounds than the others are named in the report, which compares only the rounds every run has.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
 from experiments.stages import load_done, write_json_atomic
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
+from rstar_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 
@@ -28,19 +31,82 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "output directory")
 
 
+def _summary(stage_dir: str) -> dict | None:
+    """A finished stage's DONE.json (None if unfinished), its JSON checked: errors name the file."""
+    path = os.path.join(stage_dir, "DONE.json")
+    try:
+        summary = load_done(stage_dir)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if summary is not None and not isinstance(summary, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary
+
+
+def _eval_rows(summary: dict, stage_dir: str) -> list[dict]:
+    """An evaluation summary's rows, with the fields the study reads (a bad one is named with its file)."""
+    path = os.path.join(stage_dir, "DONE.json")
+    rows = summary.get("rows")
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: field 'rows': expected a list of evaluation rows, got "
+                         f"{'nothing (missing)' if 'rows' not in summary else type(rows).__name__}")
+    for i, row in enumerate(rows):
+        missing = [f for f in ("method", "n", "accuracy", "by_difficulty") if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise InputError(f"{path}: rows[{i}]: missing field(s) {', '.join(map(repr, missing))}")
+        if not isinstance(row["by_difficulty"], dict):
+            raise InputError(f"{path}: rows[{i}]: field 'by_difficulty': expected an object")
+    return rows
+
+
 def load_run(run_dir: str) -> list[dict]:
     """Rounds 0 (the base model) .. K of one run: [{"rows": eval rows, "coverage": {difficulty: fraction}}]."""
-    base = load_done(os.path.join(run_dir, "base_eval"))
+    base_dir = os.path.join(run_dir, "base_eval")
+    base = _summary(base_dir)
     if base is None:
-        raise SystemExit(f"experiments.study: {run_dir} has no finished base model evaluation "
-                         f"({os.path.join(run_dir, 'base_eval', 'DONE.json')})")
-    rounds = [{"rows": base["rows"], "coverage": None}]
+        raise InputError(f"{run_dir} has no finished base model evaluation ({os.path.join(base_dir, 'DONE.json')})")
+    rounds = [{"rows": _eval_rows(base, base_dir), "coverage": None}]
     k = 1
-    while (summary := load_done(os.path.join(run_dir, f"round_{k}", "eval"))) is not None:
-        search = load_done(os.path.join(run_dir, f"round_{k}", "search")) or {}
-        rounds.append({"rows": summary["rows"], "coverage": search.get("coverage_by_difficulty")})
+    while (summary := _summary(eval_dir := os.path.join(run_dir, f"round_{k}", "eval"))) is not None:
+        search_dir = os.path.join(run_dir, f"round_{k}", "search")
+        coverage = (_summary(search_dir) or {}).get("coverage_by_difficulty")
+        if coverage and not (isinstance(coverage, dict) and isinstance(coverage.get("all"), (int, float))):
+            raise InputError(f"{os.path.join(search_dir, 'DONE.json')}: field 'coverage_by_difficulty': expected "
+                             "an object with a number under 'all'")
+        rounds.append({"rows": _eval_rows(summary, eval_dir), "coverage": coverage})
         k += 1
     return rounds
+
+
+def check_distinct(run_dirs: Sequence[str]) -> None:
+    """One run listed twice would count as two agreeing runs."""
+    seen = {}
+    for run_dir in run_dirs:
+        real = os.path.realpath(run_dir)
+        if real in seen:
+            raise InputError(f"--runs: {run_dir} is listed twice"
+                             + (f" (also as {seen[real]})" if seen[real] != run_dir else ""))
+        seen[real] = run_dir
+
+
+def check_runs(run_dirs: Sequence[str], runs: Sequence[list[dict]], difficulties: Sequence[str]) -> list[str]:
+    """Refuses what would make the tables empty or the claims meaningless; returns notes for the report
+    (runs with fewer rounds than the others: only the rounds all runs have are compared)."""
+    # In the rows' order (numeric, as the evaluation writes them).
+    present = dict.fromkeys(d for run in runs for rnd in run for row in rnd["rows"] for d in row["by_difficulty"])
+    unknown = [d for d in difficulties if d not in present]
+    if unknown:
+        raise InputError(f"--difficulties: {', '.join(unknown)} not evaluated in any run; the runs have "
+                         f"{', '.join(present) or 'none'}")
+    lengths = [len(run) for run in runs]
+    if len(set(lengths)) == 1:
+        return []
+    shorter = ", ".join(f"{d} ({n - 1} of {max(lengths) - 1} rounds)" for d, n in zip(run_dirs, lengths)
+                        if n < max(lengths))
+    if min(lengths) < 2:  # only the base model in common: no round to compare
+        raise InputError(f"--runs: the runs have no finished round in common (fewer rounds: {shorter})")
+    return [f"runs with fewer rounds: {shorter}; compared on rounds 0-{min(lengths) - 1}, the rounds all runs "
+            "have"]
 
 
 def subset_accuracy(row: dict, difficulties: Sequence[str]) -> float | None:
@@ -81,7 +147,8 @@ def claims(accuracy: list[dict], coverage: list[dict], last: int) -> list[dict]:
     over majority vote over greedy; each round's coverage over the previous round's."""
     get = lambda k, method, n=None: next((a for a in accuracy if a["round"] == k and a["method"] == method
                                           and (n is None or a["n"] == n)), None)
-    pairs = [(f"round {last} greedy - base greedy", get(last, "greedy"), get(0, "greedy"))]
+    # Round 0 is the base model: with no later round there is nothing to compare it with.
+    pairs = [(f"round {last} greedy - base greedy", get(last, "greedy"), get(0, "greedy"))] if last > 0 else []
     majority_ns = {a["n"] for a in accuracy if a["round"] == last and a["method"] == "majority"}
     mcts_ns = {a["n"] for a in accuracy if a["round"] == last and a["method"].startswith("mcts/")}
     if shared := majority_ns & mcts_ns:
@@ -102,6 +169,7 @@ def to_markdown(result: dict, run_dirs: Sequence[str]) -> str:
     pct = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f}"
     subset = ",".join(result["difficulties"]) or "all"
     lines = [f"# Study of {result['runs']} runs", "", *[f"- `{r}`" for r in run_dirs], "",
+             *[f"Note: {n}." for n in result.get("notes", [])], *([""] if result.get("notes") else []),
              f"Accuracy (%) on difficulties {subset}, mean ± sd over the runs (round 0 = the base model):", "",
              "| round | method | N | accuracy | per run |", "|---|---|---|---|---|"]
     lines += [f"| {a['round']} | {a['method']} | {a['n']} | {pct(a)} | "
@@ -116,7 +184,10 @@ def to_markdown(result: dict, run_dirs: Sequence[str]) -> str:
 
 def main(argv):
     check_usage(argv, "runs", "out")
-    result = study([load_run(r) for r in FLAGS.runs], FLAGS.difficulties)
+    check_distinct(FLAGS.runs)
+    runs = [load_run(r) for r in FLAGS.runs]
+    notes = check_runs(FLAGS.runs, runs, FLAGS.difficulties)
+    result = {**study(runs, FLAGS.difficulties), "notes": notes}
     os.makedirs(FLAGS.out, exist_ok=True)
     write_json_atomic(os.path.join(FLAGS.out, "study.json"), result)
     text = to_markdown(result, FLAGS.runs)
@@ -127,4 +198,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run(main)

@@ -16,18 +16,10 @@ from typing import Callable, Sequence
 from absl import flags
 
 from experiments import multihost
-from rstar_jax.models.config import ATTENTION_IMPLS
+from rstar_jax.errors import InputError
+from rstar_jax.models.config import ATTENTION_IMPLS, PRESETS
 
 _AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
-
-
-def _mesh_ok(sizes) -> bool:
-    """3 axis sizes, each >= 1 or -1 (the rest), at most one -1."""
-    try:
-        values = [int(v) for v in sizes]
-    except ValueError:
-        return False
-    return len(values) == 3 and all(v >= 1 or v == -1 for v in values) and values.count(-1) <= 1
 
 
 def _buckets_ok(lengths) -> bool:
@@ -59,7 +51,8 @@ class TrainStageConfig:
     out_dir: str | None = _field(None, "run directory (checkpoints, TensorBoard, HF export)", "string")
     init_hf_dir: str | None = _field(None, "HF Qwen2 directory to start from (SFT: the base model; reward models: "
                                      "the round's policy, value head added fresh if absent)", "string")
-    preset: str | None = _field(None, "random-init model preset instead of --init_hf_dir (e.g. tiny)", "string")
+    preset: str | None = _field(None, "random-init model preset instead of --init_hf_dir (e.g. tiny)", "string",
+                                check=(lambda v: not v or v in PRESETS, f"one of {', '.join(sorted(PRESETS))}"))
     tokenizer_dir: str | None = _field(None, "tokenizer directory (default: --init_hf_dir)", "string")
     max_len: int = _field(2048, "longest token sequence (prompt + response)", check=_AT_LEAST_1)
     overlength: str = _field("error", "a record over --max_len: refuse with an error naming file:line, or "
@@ -89,7 +82,7 @@ class TrainStageConfig:
                              "pass, so the [batch, seq, vocab] logits are never held whole (0: all at once)",
                              policy_only=True, check=_AT_LEAST_0)
     mesh: tuple = _field(("-1", "1", "1"), "data,fsdp,tensor mesh axis sizes (-1: the rest)",
-                         check=(_mesh_ok, "3 sizes, each >= 1 or -1 (at most one -1: the rest)"))
+                         check=multihost.MESH_CHECK)
     seed: int = _field(0, "data order and fresh-init seed")
     length_buckets: tuple = _field((), "padded lengths (default: powers of two from 64, and --max_len)",
                                    check=(_buckets_ok, "positive integers"))
@@ -100,8 +93,8 @@ class TrainStageConfig:
     profile_start: int = _field(-1, "capture a jax.profiler trace from this step (process 0)")
     profile_steps: int = _field(3, "steps in the profiler trace", check=_AT_LEAST_1)
     peak_flops: float = _field(0.0, "per-device peak FLOP/s for the MFU figure; 0: the spec sheet's for known "
-                               "accelerators in bf16 (H100/H200/A100, TPU v4/v5e/v5p/v6e), else a matmul measured at "
-                               "start", check=_AT_LEAST_0)
+                               "accelerators in bf16 (H100/H200/A100/L4, TPU v4/v5e/v5p/v6e), else a matmul "
+                               "measured at start", check=_AT_LEAST_0)
     skip_export: bool = _field(False, "do not write the HF export at the end")
 
 
@@ -159,7 +152,7 @@ def stage_configs(cfg: TrainStageConfig, prefix: str = ""):
 
 def _require(value, name: str, why: str):
     if value in (None, "", ()):
-        raise ValueError(f"{name} is required: {why}")
+        raise InputError(f"--{name} is required: {why}")
     return value
 
 
@@ -171,8 +164,6 @@ def _model(task_name: str, cfg: TrainStageConfig, tokenizer, mesh):
     from rstar_jax.models.hf_io import load_hf
     from rstar_jax.models.ppm import DEFAULT_SCORE_SCALE
     reward = task_name != "sft"
-    if bool(cfg.init_hf_dir) == bool(cfg.preset):
-        raise ValueError("give exactly one of init_hf_dir and preset")
     if cfg.init_hf_dir:
         model = load_hf(cfg.init_hf_dir, ppm=reward, init_missing_value_head=reward, mesh=mesh,
                         attention_impl=cfg.attention_impl)
@@ -210,7 +201,9 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
     out = _require(cfg.out_dir, "out_dir", "where checkpoints and the export go")
     train_files = list(_require(cfg.train_records, "train_records", "the JSONL records to train on"))
     tok_dir = cfg.tokenizer_dir or _require(cfg.init_hf_dir, "init_hf_dir",
-                                            "the tokenizer comes from tokenizer_dir or init_hf_dir")
+                                            "the tokenizer comes from --tokenizer_dir or --init_hf_dir")
+    if bool(cfg.init_hf_dir) == bool(cfg.preset):
+        raise InputError("give exactly one of --init_hf_dir (a model to start from) and --preset (a fresh one)")
     os.makedirs(out, exist_ok=True)
 
     mesh_sizes = [int(x) for x in cfg.mesh]

@@ -1,7 +1,8 @@
 """Reward-model training: the PPM (preference pairs), PQM (Q values) or ORM (outcome correctness).
 
-  python -m experiments.train_rm --task=ppm --init_hf_dir=runs/round_1/policy/hf \
-      --train_records=round_1/pairs/pairs.jsonl --out_dir=runs/round_1/ppm --batch_size=512 --epochs=1
+  python -m experiments.train_rm --task=ppm --init_hf_dir=runs/r/round_1/policy/hf \
+      --train_records=runs/r/round_1/search/extracted/pairs.jsonl --out_dir=runs/r/round_1/ppm \
+      --batch_size=512 --epochs=1
   python -m experiments.train_rm --task=orm --preset=tiny --tokenizer_dir=tok --train_records=orm.jsonl ...
 
 Records: ppm {id, prompt, pos, neg, pos_count, neg_count, margin}; pqm {id, prompt, response, q};
@@ -15,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from experiments import multihost, train_common
-from experiments.usage import check_usage
+from experiments.usage import check_usage, run
 
 def main(argv):
     check_usage(argv)
@@ -30,4 +31,4 @@ if __name__ == "__main__":
     train_common.define_flags()
     for module in (train_common, multihost):  # absl's --help lists the main module's flags only
         flags.adopt_module_key_flags(module)
-    app.run(main)
+    run(main)

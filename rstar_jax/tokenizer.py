@@ -43,6 +43,10 @@ def format_prompt(question: str) -> str:
 # Loading and step tags
 
 
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in _TOKENIZER_FILES)
+
+
 def load_tokenizer(directory: str | os.PathLike, add_step_tags: bool = True):
     """Loads an HF tokenizer directory (no download) and makes every step tag a single special token.
 
@@ -54,7 +58,7 @@ def load_tokenizer(directory: str | os.PathLike, add_step_tags: bool = True):
     path = os.fspath(directory)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
-    if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    if not has_tokenizer_files(path):
         raise FileNotFoundError(f"no tokenizer files in {path!r}: expected one of {list(_TOKENIZER_FILES)}")
     # A plain tokenizer.json directory (the miniature's) must not be re-interpreted by AutoTokenizer as the
     # model's own class (a `config.json` saying qwen2 next to it makes that a Qwen2Tokenizer).

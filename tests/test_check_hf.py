@@ -156,3 +156,35 @@ def test_without_torch_runs_our_model_and_notes_it(ppm_dir, capsys, monkeypatch)
 def test_hf_dir_is_required(capsys):
     with pytest.raises(Exception, match="--hf_dir is required"):
         _run(capsys, hf_dir=None)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--prompt=", "--prompt must not be empty"),
+    ("--tolerance=-1", "flag --tolerance=-1"),
+])
+def test_bad_flags_are_named(policy_dir, flag, message):
+    proc = subprocess.run([sys.executable, "-m", "experiments.check_hf", f"--hf_dir={policy_dir}", flag],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_missing_directory_is_named_as_missing(tmp_path, capsys):
+    with pytest.raises(check_hf.InputError, match=f"--hf_dir={tmp_path / 'nope'}: no such directory"):
+        _run(capsys, hf_dir=str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(check_hf.InputError, match="file: not a directory"):
+        _run(capsys, hf_dir=str(tmp_path / "file"))
+
+
+def test_hints_name_the_flags_not_the_loader_s_arguments(policy_dir, ppm_dir, tmp_path, capsys):
+    status, lines = _run(capsys, hf_dir=policy_dir, ppm=True)
+    assert status == 1 and "hint: no value head stored: a policy checkpoint, not a PPM (check it without --ppm)" in (
+        lines)
+    status, lines = _run(capsys, hf_dir=ppm_dir)
+    assert status == 1 and "hint: the checkpoint has a value head: check it with --ppm" in lines
+    assert not any("=True" in line for line in lines)
+    bad = _corrupted_copy(policy_dir, tmp_path / "head",
+                          lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"] * 1.5))
+    status, lines = _run(capsys, hf_dir=bad)
+    assert status == 1 and any(line.endswith("set tie_word_embeddings to false in config.json") for line in lines)

@@ -1,4 +1,8 @@
 """The dry run's memory plan: exact parameter, optimizer and cache bytes per device on a fake mesh."""
+import os
+import subprocess
+import sys
+
 from experiments.dry_run import GIB, format_plan, mesh_over, search_memory, training_memory
 from rstar_jax.models import preset
 
@@ -60,3 +64,9 @@ def test_7b_on_eight_devices_shards_weights_over_fsdp_and_tensor():
     assert text.startswith("policy SFT: per device on a mesh of 8 devices (data=2, fsdp=2, tensor=2)")
     total = sum(i.bytes_per_device for i in items) / GIB
     assert ("does NOT fit" in text) == (total > 80)
+
+
+def test_running_the_module_points_to_the_round_s_dry_run():
+    proc = subprocess.run([sys.executable, "-m", "experiments.dry_run"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2 and "python -m experiments.round --dry_run" in proc.stderr

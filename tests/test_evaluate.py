@@ -6,7 +6,6 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from experiments.evaluate import EvalSpec, evaluate
@@ -171,3 +170,38 @@ def test_methods_needing_a_reward_model_are_refused_without_one(tmp_path):
                            f"--out={tmp_path}", "--methods=greedy,best_of_n"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "needs --reward_model" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--bootstrap=0", "flag --bootstrap=0: 0 is not a positive integer"),
+    ("--bootstrap=-5", "flag --bootstrap=-5"),
+    ("--vote_top_k=0", "flag --vote_top_k=0"),
+    ("--beam_width=0", "flag --beam_width=0"),
+    ("--methods=", "--methods must name at least one method"),
+    ("--set_name=", "--set_name must not be empty"),
+])
+def test_bad_settings_are_refused_before_anything_is_loaded(tmp_path, flag, message):
+    """Found at parse time, not after all generation and search (where they were first used)."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--problems=x.jsonl", "--policy=p",
+                           f"--out={tmp_path}", "--methods=greedy", flag], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_spec_and_problem_set_checks(tmp_path):
+    for bad, message in ((dict(methods=()), "no methods"), (dict(vote_top_k=0), "vote_top_k=0 must be >= 1"),
+                         (dict(bootstrap=-5, beam_width=0), "beam_width=0, bootstrap=-5 must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            EvalSpec(**bad)
+    from rstar_jax.errors import InputError
+    with pytest.raises(InputError, match="empty: no problems to evaluate"):
+        evaluate([], set_name="empty", policy_dir="unused", reward_dir=None, out_dir=str(tmp_path), spec=EvalSpec(),
+                 search_config=SMALL)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--problems={empty}", "--policy=p",
+                           f"--out={tmp_path / 'out'}", "--methods=greedy"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and f"--problems={empty}: no problems" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -313,6 +313,19 @@ def test_command_line_end_to_end(tmp_path):
     assert f"{bad}:1: missing field 'ref'" in result.stderr
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--num_workers=0", "flag --num_workers=0"),
+    ("--timeout_s=0", "--timeout_s must be positive"),
+    ("--rel_tol=-1", "--rel_tol must be in [0, 1)"),
+])
+def test_command_line_refuses_bad_settings_by_flag(tmp_path, flag, message):
+    good = _write(tmp_path, "good.jsonl", json.dumps({"pred": "1", "ref": "1"}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "experiments.grade", f"--pairs={good}", flag], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not result.stdout
+
+
 # -- long ------------------------------------------------------------------------------------------------
 
 

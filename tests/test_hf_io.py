@@ -16,6 +16,7 @@ import safetensors.numpy
 from flax import nnx
 
 from rstar_jax import parallel
+from rstar_jax.errors import InputError
 from rstar_jax.models import PPM, ModelConfig, Qwen2, positions_from_mask
 from rstar_jax.models import hf_io
 from rstar_jax.models.hf_io import CheckpointError, load_hf, save_hf
@@ -431,3 +432,22 @@ def test_corrupt_safetensors_file(policy, tmp_path):
     (tmp_path / "d" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_hf(str(tmp_path / "d"))
+
+
+def test_check_hf_dir_finds_what_a_load_would_refuse_without_loading(policy, tmp_path):
+    d = tmp_path / "d"
+    with pytest.raises(CheckpointError, match="no such directory"):
+        hf_io.check_hf_dir(str(d))
+    shutil.copytree(policy[1], d)
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        hf_io.check_hf_dir(str(d))
+    (d / "tokenizer.json").write_text("{}")  # present is all it asks: the tokenizer loads with the model
+    assert hf_io.check_hf_dir(str(d)).hidden_size == policy[0].config.hidden_size  # the config it read
+    config = (d / "config.json").read_text()
+    (d / "config.json").write_text("{")
+    with pytest.raises(InputError, match=r"d/config.json: not valid JSON"):
+        hf_io.check_hf_dir(str(d))
+    (d / "config.json").write_text(config)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        hf_io.check_hf_dir(str(d))

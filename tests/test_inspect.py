@@ -203,6 +203,26 @@ def test_command_line(trees_file, tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--problem_id=nope/1"], "no tree record for problem id 'nope/1'"),
+    (["--index=0", "--trees={missing}"], "No such file or directory"),
+    (["--problem_id=nope/1", "--trees={broken}"], "broken.jsonl:2: malformed JSON"),
+    (["--index=0", "--seed=3"], "--seed goes with --problem_id, not with --index"),
+    (["--index=0", "--svg_max_nodes=0"], "flag --svg_max_nodes=0"),
+    (["--index=0", "--svg_max_nodes=-3"], "flag --svg_max_nodes=-3"),
+])
+def test_command_line_names_bad_data_and_flags(trees_file, tmp_path, args, message):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(open(trees_file).read().splitlines()[0] + "\n{oops\n" + "\n")
+    args = [a.format(missing=tmp_path / "missing.jsonl", broken=broken) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "experiments.inspect", f"--trees={trees_file}", *args,
+                           f"--out={tmp_path / 'x.svg'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    if "--" not in message:  # bad data is no usage error: one line, without a pointer to the flags' help
+        assert proc.stderr.strip() == proc.stderr.strip().splitlines()[0] and "--help" not in proc.stderr
+    assert not (tmp_path / "x.svg").exists()
+
+
 @pytest.mark.slow
 def test_renders_a_tree_the_real_search_wrote(miniature, tmp_path):
     """The miniature policy searches one problem; its record renders with every node and a chosen path."""

@@ -17,6 +17,7 @@ from rstar_jax.data.benchmarks import BENCHMARKS, load_benchmark
 from rstar_jax.data.problem_files import ProblemFormatError, load_problems
 from rstar_jax.data.problem_pool import open_problem_pool
 from rstar_jax.data.tfds_problems import example_to_problem
+from rstar_jax.errors import InputError
 
 FIXTURES = pathlib.Path(__file__).parent / "data" / "problems"
 POOL = FIXTURES / "pool" / "numinamath.jsonl"
@@ -149,6 +150,20 @@ def test_pool_reopened_from_its_folder_reuses_the_build(numina_pool, data_dir):
 def test_pool_without_skipping_fails_on_the_first_bad_record(tmp_path):
     with pytest.raises(ProblemFormatError, match=r"numinamath.jsonl:2: field 'answer'"):
         open_problem_pool(POOL, name="strict", preset="numinamath", skip_bad=False, data_dir=tmp_path)
+
+
+def test_a_pool_that_keeps_no_record_names_the_file_and_the_first_errors(tmp_path):
+    from experiments.search import load_problem_set
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"problem": f"q{i}", "solution": "no box"}) + "\n" for i in range(3)))
+    expected = (rf"{bad}: 0 of 3 records kept; first errors: {bad}:1: field 'answer': missing, and no \\boxed{{}} in "
+                rf"'solution'; {bad}:2: ")
+    with pytest.raises(InputError, match=expected):
+        open_problem_pool(bad, name="none_kept", preset="numinamath", data_dir=tmp_path / "data")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match=rf"--problems=pool:numinamath:{empty}: {empty}: 0 of 0 records kept$"):
+        load_problem_set(f"pool:numinamath:{empty}", data_dir=str(tmp_path / "data"))
 
 
 def test_pool_refuses_a_stale_build_until_rebuilt(tmp_path):

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import safetensors.numpy
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,9 +17,13 @@ def _round(*args):
 
 
 def _fake_model(path):
-    """A directory that passes the up-front check (it has a config.json) and fails when a stage loads it."""
+    """A directory that passes the up-front check (a Qwen2 config.json, safetensors weights, a tokenizer file) and
+    fails when a stage loads it (the weights are not the model's, the tokenizer file is empty)."""
+    from rstar_jax.models.config import preset
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text(json.dumps(preset("tiny").to_hf_dict()))
+    safetensors.numpy.save_file({"x": np.zeros(1, np.float32)}, str(path / "model.safetensors"))
+    (path / "tokenizer.json").write_text("{}")
     return path
 
 
@@ -32,7 +39,19 @@ def test_bad_flags_and_missing_inputs_are_refused_before_anything_is_written(tmp
     out = _round(*common, f"--base_model={tmp_path / 'no_such_model'}")
     assert out.returncode != 0 and "base model" in out.stderr and "does not exist (pass" in out.stderr, out.stderr
     out = _round(*common, f"--base_model={tmp_path}")
-    assert out.returncode != 0 and "is not a Hugging Face model directory (it has no config.json)" in out.stderr
+    assert out.returncode != 0 and f"base model: {tmp_path}: no config.json (not an HF model" in out.stderr
+    broken = _fake_model(tmp_path / "broken")
+    (broken / "config.json").write_text("{")
+    out = _round(*common, f"--base_model={broken}")
+    assert out.returncode != 0 and f"base model: {broken}/config.json: not valid JSON" in out.stderr, out.stderr
+    (broken / "config.json").write_text((base / "config.json").read_text())
+    (broken / "model.safetensors").unlink()
+    out = _round(*common, f"--base_model={broken}")
+    assert out.returncode != 0 and f"{broken}: no model.safetensors or model.safetensors.index" in out.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = _round(*common[:2], f"--eval_problems={empty}", f"--base_model={base}")
+    assert out.returncode != 0 and f"--eval_problems={empty}: no problems in it" in out.stderr, out.stderr
     out = _round(*common, f"--base_model={base}", "--round=2")
     assert out.returncode != 0 and "round_1/policy/hf does not exist (run round 1 first" in out.stderr, out.stderr
     out = _round(*common, f"--base_model={base}", "--round=3", "--mode=ppm", f"--policy={base}")
@@ -42,6 +61,8 @@ def test_bad_flags_and_missing_inputs_are_refused_before_anything_is_written(tmp
     for flag, message in (("--sft_learning_rate=-1", "--sft_learning_rate=-1.0 must be positive"),
                           ("--ppm_batch_size=0", "--ppm_batch_size=0 must be a positive multiple"),
                           ("--sft_mesh=1,1", "--sft_mesh must be 3 sizes"),
+                          ("--ppm_mesh=1,8,1", "--ppm_mesh=1,8,1 does not fit the devices of all processes"),
+                          ("--search_mesh=2,1,1", "--search_mesh=2,1,1 does not fit this host's devices"),
                           ("--temperature=-1", "--temperature must be >= 0"),
                           ("--miniature_eval_difficulties=9", "--miniature_eval_difficulties must be one or more of"),
                           ("--limit=-5", "--limit")):

@@ -89,7 +89,9 @@ def test_three_rounds_resume_and_report(setup):
     _round(root, 2, "--mode=terminal", "--max_rollouts_unsolved=4")
     ppm_2 = json.loads((run / "round_2" / "ppm" / "config.json").read_text())
     assert ppm_2["init_hf_dir"] == str(run / "round_2" / "policy" / "hf")  # later rounds: from the round's policy
-    out = _round(root, 3, "--mode=ppm", "--max_rollouts_unsolved=4")
+    # Round 3 also asks for majority vote: the base model's evaluation is extended with it (greedy reused).
+    out = _round(root, 3, "--mode=ppm", "--max_rollouts_unsolved=4", "--eval_methods=greedy,majority", "--eval_ns=1,2")
+    assert "[base model evaluation] running" in out and "evaluate: reusing" in out, out
     trees = [json.loads(line) for line in open(run / "round_3" / "search" / "trees.jsonl")]
     assert trees and all(t["mode"] == "ppm" for t in trees)
     report = (run / "round_3" / "eval" / "rounds.md").read_text()
@@ -97,6 +99,8 @@ def test_three_rounds_resume_and_report(setup):
         assert f"\n| {k} | " in report, report
     rounds = json.loads((run / "round_3" / "eval" / "rounds.json").read_text())
     assert [r["round"] for r in rounds["rounds"]] == [0, 1, 2, 3] and rounds["rounds"][0]["coverage"] is None
+    majority = [r["accuracy"]["majority"] for r in rounds["rounds"]]
+    assert majority[0] is not None and majority[1:3] == [None, None] and majority[3] is not None
     for k in (1, 2, 3):  # the same figures as the stages' summaries
         done = json.loads((run / f"round_{k}" / "eval" / "DONE.json").read_text())
         assert rounds["rounds"][k]["accuracy"]["greedy"] == done["rows"][0]["accuracy"]

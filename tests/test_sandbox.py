@@ -420,3 +420,21 @@ def test_command_line_prints_one_json_result_per_file(tmp_path):
     assert [(d["stdout"], d["failed"], d["error_type"]) for d in lines] == [
         ("10", False, None), ("6", False, None), ("", True, "ZeroDivisionError")]
     assert lines[2]["observation"] == "ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.py"], "No such file or directory"),
+    (["."], "Is a directory"),
+    (["latin1.py"], "latin1.py: not UTF-8 text (byte 7"),
+    (["--timeout_s=0", "ok.py"], "flag --timeout_s=0.0: --timeout_s must be positive"),
+    (["--num_workers=0", "ok.py"], "flag --num_workers=0"),
+])
+def test_command_line_names_a_bad_file_or_flag(tmp_path, args, message):
+    (tmp_path / "ok.py").write_text("print(1)\n")
+    (tmp_path / "latin1.py").write_bytes(b'print("\xe9")\n')
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "experiments.sandbox", *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)  # in tmp_path: the files by relative name
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not done.stdout  # nothing ran

@@ -345,9 +345,11 @@ def test_read_finished_cuts_a_torn_line_and_refuses_other_settings(tmp_path):
 
 def test_search_settings_are_saved_with_the_trees_and_other_settings_refused_by_name(tmp_path):
     trees = str(tmp_path / "trees.process_1.jsonl")
-    pin_settings(trees, SearchConfig(rollouts=3, batch_size=4))
+    pin_settings(trees, SearchConfig(rollouts=5))
+    pin_settings(trees, SearchConfig(rollouts=3, batch_size=4))  # no tree yet (a failed start): replaced
     saved = json.loads((tmp_path / "trees.process_1.config.json").read_text())
     assert saved["rollouts"] == 3 and "batch_size" not in saved
+    (tmp_path / "trees.process_1.jsonl").write_text('{"problem_id": "a", "seed": 0}\n')
     pin_settings(trees, SearchConfig(rollouts=3, batch_size=64))  # lock-step batch: the same trees
     with pytest.raises(ResumeError, match=r"(?s)other settings .*rollouts: saved 3, now 4\n  temperature: saved 1.0, now 0.7"):
         pin_settings(trees, SearchConfig(rollouts=4, temperature=0.7))

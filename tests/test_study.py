@@ -67,3 +67,47 @@ def test_the_command_writes_markdown_and_json_and_names_an_unfinished_run(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "experiments.study", f"--runs={a},{tmp_path / 'nope'}",
                            f"--out={out}"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "nope has no finished base model evaluation" in proc.stderr
+
+
+def _study(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.study", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_runs_of_different_lengths_are_compared_on_their_common_rounds(tmp_path):
+    rnd = ((0.4, 0.2), (0.4, 0.4), (0.6, 0.4), 0.5)
+    a = _fake_run(tmp_path / "a", (0.2, 0.0), [rnd, rnd])
+    b = _fake_run(tmp_path / "b", (0.4, 0.2), [rnd])
+    base_only = _fake_run(tmp_path / "c", (0.4, 0.2), [])
+    out = tmp_path / "out"
+    proc = _study(f"--runs={a},{b}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "study.json").read_text())
+    assert {r["round"] for r in result["accuracy"]} == {0, 1}
+    assert result["notes"] == [f"runs with fewer rounds: {b} (1 of 2 rounds); compared on rounds 0-1, the rounds "
+                               "all runs have"]
+    assert f"Note: runs with fewer rounds: {b}" in (out / "study.md").read_text()
+    # Only the base model in common: refused, never a claim of round 0 over itself.
+    proc = _study(f"--runs={a},{base_only}", f"--out={tmp_path / 'out2'}")
+    assert proc.returncode == 1 and "no finished round in common" in proc.stderr and f"{base_only} (0 of 2 rounds)" in (
+        proc.stderr)
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out2").exists()
+    assert not study.claims(study.study([study.load_run(base_only)], [])["accuracy"], [], 0)
+
+
+def test_bad_difficulties_duplicate_runs_and_bad_summaries_are_named(tmp_path):
+    rnd = ((0.4, 0.2), (0.4, 0.4), (0.6, 0.4), 0.5)
+    a = _fake_run(tmp_path / "a", (0.2, 0.0), [rnd])
+    proc = _study(f"--runs={a}", "--difficulties=4,9", f"--out={tmp_path / 'o'}")
+    assert proc.returncode == 1 and "--difficulties: 9 not evaluated in any run; the runs have 3, 4" in proc.stderr
+    proc = _study(f"--runs={a},{a}/", f"--out={tmp_path / 'o'}")
+    assert proc.returncode == 1 and f"--runs: {a}/ is listed twice (also as {a})" in proc.stderr
+    bad = [("{oops", "not valid JSON"), ('{"summary": 1}', "field 'rows': expected a list of evaluation rows, "
+                                                          "got nothing (missing)"),
+           ('{"rows": [{"method": "greedy", "n": 1, "accuracy": 0.5}]}', "rows[0]: missing field(s) 'by_difficulty'")]
+    for k, (text, message) in enumerate(bad):
+        run = _fake_run(tmp_path / f"bad{k}", (0.2, 0.0), [rnd])
+        (tmp_path / f"bad{k}" / "round_1" / "eval" / "DONE.json").write_text(text)
+        proc = _study(f"--runs={a},{run}", f"--out={tmp_path / 'o'}")
+        assert proc.returncode == 1 and f"{run}/round_1/eval/DONE.json: {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -31,6 +31,28 @@ def test_empty_dataset_is_refused(tmp_path):
         read_records("sft", str(tmp_path / "empty.jsonl"))
     with pytest.raises(RecordError, match="no such sft records file"):
         read_records("sft", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(RecordError, match=rf"{tmp_path}: a directory, not a sft records file"):
+        read_records("sft", str(tmp_path))
+
+
+def test_a_file_listed_twice_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"id": "a", "prompt": "p", "response": "r"}])
+    with pytest.raises(RecordError, match=r"sft.jsonl: listed twice; its records would be read twice"):
+        read_records("sft", [path, path])
+    with pytest.raises(RecordError, match=r"/\./sft.jsonl: listed twice \(also as .*/sft.jsonl\)"):
+        read_records("sft", [path, f"{tmp_path}/./sft.jsonl"])
+
+
+def test_a_missing_number_is_reported_as_missing(tmp_path):
+    pair = {"id": "x", "prompt": "p", "pos": "a", "neg": "b", "pos_count": 1, "neg_count": 1}
+    with pytest.raises(RecordError, match=r"pairs.jsonl:1: field 'margin': expected a finite number, got nothing "
+                                          r"\(missing\)"):
+        read_records("pair", write_jsonl(tmp_path / "pairs.jsonl", [pair]))
+    with pytest.raises(RecordError, match=r"field 'margin': expected a finite number, got None"):
+        read_records("pair", write_jsonl(tmp_path / "null.jsonl", [{**pair, "margin": None}]))
+    with pytest.raises(RecordError, match=r"field 'neg_count': expected an integer >= 1, got nothing \(missing\)"):
+        read_records("pair", write_jsonl(tmp_path / "count.jsonl", [{k: v for k, v in pair.items()
+                                                                      if k != "neg_count"}]))
 
 
 def test_overlength_refused_or_truncated(tmp_path):
@@ -38,7 +60,8 @@ def test_overlength_refused_or_truncated(tmp_path):
                                                  {"id": "long", "prompt": "ab", "response": "x" * 40},
                                                  {"id": "prompt_only", "prompt": "y" * 40, "response": "z"}])
     records = read_records("sft", path)
-    with pytest.raises(RecordError, match=r"long.jsonl:2: record 'long' is 43 tokens, over max_len=16"):
+    with pytest.raises(RecordError, match=r"long.jsonl:2: record 'long' is 43 tokens, over max_len=16 "
+                                          r"\(raise --max_len, or pass --overlength=truncate"):
         SFTTask(CharTokenizer(), 16, "error").tokenize(records)
     examples, stats = SFTTask(CharTokenizer(), 16, "truncate").tokenize(records)
     assert (stats.examples, stats.truncated, stats.dropped) == (2, 2, 1)  # the prompt-only one has no target left

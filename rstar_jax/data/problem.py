@@ -11,10 +11,12 @@ import math
 import re
 from typing import Any
 
+from rstar_jax.errors import InputError
+
 REQUIRED_FIELDS = ("id", "question", "answer")
 
 
-class FieldError(ValueError):
+class FieldError(InputError):
     """A record's field is missing or unusable; the reader adds file and line to it."""
 
     def __init__(self, field: str, reason: str):

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from absl import logging
 
+from rstar_jax.errors import InputError
 from rstar_jax.jsonl import json_objects
 from rstar_jax.data.problem import FieldError, problem_from_record
 
@@ -24,7 +25,7 @@ Mapper = Callable[[dict, int, str], dict]
 _MAX_KEPT_SKIPS = 100  # enough to diagnose a bad file without holding a whole bad pool in memory
 
 
-class ProblemFormatError(ValueError):
+class ProblemFormatError(InputError):
     """A bad record in a problem file: where it is and what is wrong with it."""
 
     def __init__(self, path: str, line: int, field: str | None, reason: str):

@@ -23,6 +23,7 @@ from etils import epath
 from rstar_jax.data.problem import FieldError, auto_id, canonical_answer, first_present, problem_id, require_text
 from rstar_jax.data.problem_files import LoadStats, Mapper, default_name, iter_problems
 from rstar_jax.data.tfds_problems import ProblemSetBuilder, ProblemSource, problem_to_example
+from rstar_jax.errors import InputError
 
 _KEPT_SKIP_MESSAGES = 20
 
@@ -149,6 +150,11 @@ class RstarProblemPool(ProblemSetBuilder):
                                          skip_bad=config.skip_bad, stats=stats, seen_ids=seen_ids):
                 yield index, problem_to_example(problem)
                 index += 1
+        if not index:  # else TFDS fails the build with "No examples were yielded", naming no file
+            where = paths[0] if len(paths) == 1 else f"{config.files} ({len(paths)} files)"
+            errors = "; ".join(str(e) for e in stats.skipped_errors[:3])
+            raise InputError(f"{where}: 0 of {stats.records} records kept" + (f"; first errors: {errors}" if errors
+                                                                               else ""))
         # Saved with the dataset: the build's account of what it read and what it left out.
         self.info.metadata.update(
             source_files=_file_manifest(paths), records=stats.records, kept=stats.kept,

@@ -8,6 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rstar_jax.errors import InputError
+
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
 
 
@@ -102,8 +104,20 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        raise InputError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def read_json_config(path: str) -> dict:
+    """A JSON object from a config file; an InputError names the file when it is not one."""
+    with open(path) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def from_hf_config(path_or_dict: str | os.PathLike | dict, **overrides) -> ModelConfig:
@@ -114,28 +128,26 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict, **overrides) -> Model
         path = os.fspath(path_or_dict)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path) as f:
-            cfg = json.load(f)
-        where = path
+        cfg, where = read_json_config(path), path
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type != "qwen2" or any(a not in ("Qwen2ForCausalLM", "Qwen2Model") for a in archs):
-        raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} architectures={archs}; "
+        raise InputError(f"{where}: unsupported architecture model_type={model_type!r} architectures={archs}; "
                          "only Qwen2 (Qwen2ForCausalLM) is supported")
     legacy_scaling = cfg.get("rope_scaling") or {}
     if legacy_scaling.get("rope_type", legacy_scaling.get("type", "default")) != "default":
-        raise ValueError(f"{where}: unsupported rope_scaling={legacy_scaling!r}; only plain RoPE is supported")
+        raise InputError(f"{where}: unsupported rope_scaling={legacy_scaling!r}; only plain RoPE is supported")
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"{where}: use_sliding_window=true is not supported")
+        raise InputError(f"{where}: use_sliding_window=true is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: unsupported hidden_act={cfg['hidden_act']!r}")
+        raise InputError(f"{where}: unsupported hidden_act={cfg['hidden_act']!r}")
     rope = cfg.get("rope_parameters") or {}  # transformers 5 moved rope_theta (and scaling) here
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{where}: unsupported rope_parameters={rope!r}; only plain RoPE is supported")
+        raise InputError(f"{where}: unsupported rope_parameters={rope!r}; only plain RoPE is supported")
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     missing = [k for k in required if k not in cfg]
     if missing:
-        raise ValueError(f"{where}: missing required Qwen2 config fields {missing}")
+        raise InputError(f"{where}: missing required Qwen2 config fields {missing}")
     heads = cfg["num_attention_heads"]
     torch_dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     # Defaults are HF Qwen2Config's, so a config.json that omits a field means what it means to HF.

@@ -27,9 +27,11 @@ import safetensors.numpy
 from flax import nnx
 
 from rstar_jax import parallel
-from rstar_jax.models.config import ModelConfig, from_hf_config
+from rstar_jax.errors import InputError
+from rstar_jax.models.config import ModelConfig, from_hf_config, read_json_config
 from rstar_jax.models.ppm import DEFAULT_SCORE_SCALE, PPM, SCORE_SCALE_KEY, ValueHead
 from rstar_jax.models.qwen2 import Qwen2
+from rstar_jax.tokenizer import has_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ _RULES: list[tuple[str, str, Layout]] = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory that does not match the model (names the keys and the shapes)."""
 
 
@@ -263,7 +265,8 @@ def _value_head_source(missing: dict[str, str], init_missing_value_head: bool, c
         return _fresh_value_head(cfg.hidden_size)
     problems += list(missing.values())
     if whole_head:
-        hints.append("no value head stored: pass init_missing_value_head=True to start a PPM from a policy checkpoint")
+        hints.append("no value head stored: a policy checkpoint, not a PPM (a PPM starts from one with load_hf(..., "
+                     "init_missing_value_head=True), as experiments.train_rm does)")
     elif head:
         hints.append("the value head is only partly stored; a stored and a fresh half are never mixed")
     return {}
@@ -338,6 +341,21 @@ def load_state_into(abstract_model: nnx.Module, hf_dir: str, mesh: jax.sharding.
     return nnx.merge(graphdef, abs_state)
 
 
+def check_hf_dir(hf_dir: str) -> ModelConfig:
+    """What loading `hf_dir` would find wrong first, found without loading it: a Qwen2 `config.json`, readable
+    safetensors weights (headers only) and tokenizer files. Returns the config; a CheckpointError names the
+    problem."""
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no such directory")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise CheckpointError(f"{hf_dir}: no config.json (not an HF model directory)")
+    cfg = from_hf_config(hf_dir)
+    SafetensorsReader(hf_dir)
+    if not has_tokenizer_files(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    return cfg
+
+
 def load_hf(hf_dir: str, *, ppm: bool = False, mesh: jax.sharding.Mesh | None = None,
             init_missing_value_head: bool = False, lm_head: bool = True, **config_overrides) -> Qwen2 | PPM:
     """An HF Qwen2 directory -> our policy (`Qwen2`) or, with `ppm=True`, our `PPM`.
@@ -352,11 +370,11 @@ def load_hf(hf_dir: str, *, ppm: bool = False, mesh: jax.sharding.Mesh | None = 
         raise ValueError("init_missing_value_head=True and lm_head=False only apply with ppm=True")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir}: no config.json (not an HF model directory)")
-    cfg = from_hf_config(hf_dir, **config_overrides)
+    raw = read_json_config(os.path.join(hf_dir, "config.json"))
+    cfg = from_hf_config(raw, **config_overrides)
     if mesh is not None:
         parallel.check_tensor_parallel(mesh, cfg.num_kv_heads)
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        scale = json.load(f).get(SCORE_SCALE_KEY, DEFAULT_SCORE_SCALE)  # a policy's: the default
+    scale = raw.get(SCORE_SCALE_KEY, DEFAULT_SCORE_SCALE)  # a policy's: the default
     build = (lambda: PPM(cfg, rngs=nnx.Rngs(0), score_scale=scale)) if ppm else (lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
     abstract, skip = nnx.eval_shape(build), frozenset()
     if not lm_head and not cfg.tie_embeddings:

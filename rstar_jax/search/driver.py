@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rstar_jax import tokenizer as tk
+from rstar_jax.errors import InputError
 from rstar_jax.sampling import Sampler, SamplingConfig
 from rstar_jax.search import backup, select, steps, tree as tr
 from rstar_jax.search.config import SearchConfig
@@ -41,7 +42,7 @@ _log = logging.getLogger(__name__)
 PHASES = ("tree", "generate", "execute", "grade", "score")
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError):
     pass
 
 
@@ -97,16 +98,16 @@ def step_budgets(prompt_lengths: dict[int, int], max_step_tokens: int, max_conte
 
 def pin_settings(out_path: str, config: SearchConfig, save: bool = True) -> None:
     """Save the search settings next to the trees (`<trees>.config.json`), or refuse settings that differ
-    from the saved ones, naming each field (batch_size may differ: it does not change the trees).
+    from the saved ones while a tree is there, naming each field (batch_size may differ: it does not change
+    the trees). A run that stopped before its first tree leaves nothing to keep: its settings are replaced.
     `save=False`: only check (another process's trees)."""
     path = os.path.splitext(out_path)[0] + ".config.json"
     ours = config.tree_settings()
-    if not os.path.exists(path):
-        if not save:
-            return
-        with open(path + ".tmp", "w") as f:
-            json.dump(ours, f, indent=1)
-        os.replace(path + ".tmp", path)
+    if not os.path.exists(path) or not _holds_a_tree(out_path):
+        if save:
+            with open(path + ".tmp", "w") as f:
+                json.dump(ours, f, indent=1)
+            os.replace(path + ".tmp", path)
         return
     with open(path) as f:
         saved = json.load(f)
@@ -115,6 +116,15 @@ def pin_settings(out_path: str, config: SearchConfig, save: bool = True) -> None
     if diffs:
         raise ResumeError(f"{out_path} holds trees searched with other settings ({path}); use another output "
                           f"directory or the same settings:\n  " + "\n  ".join(diffs))
+
+
+def _holds_a_tree(path: str) -> bool:
+    """Whether `path` has a complete line (a record, or a torn line's remains `read_finished` reports)."""
+    try:
+        with open(path, "rb") as f:
+            return any(line.endswith(b"\n") and line.strip() for line in f)
+    except FileNotFoundError:
+        return False
 
 
 def read_finished(path: str, digest: str) -> set[tuple[str, int]]:

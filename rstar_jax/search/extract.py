@@ -71,18 +71,16 @@ class ExtractConfig:
     rejection_per_problem: int | None = 16  # cap of the rejection-sampled SFT set per problem (None: all)
     seed: int = 0  # random-SFT ablation
 
-    def __post_init__(self):
-        for name in ("sft_per_problem", "pairs_per_side", "min_edit_distance", "seed"):
+    def __post_init__(self):  # messages start with the field's name, which is also the flag's
+        for name, least in (("sft_per_problem", 1), ("pairs_per_side", 1), ("min_edit_distance", 0), ("seed", 0),
+                            ("rejection_per_problem", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ExtractConfig.{name}: expected a non-negative integer, got {value!r}")
-        if self.rejection_per_problem is not None and (
-                isinstance(self.rejection_per_problem, bool) or not isinstance(self.rejection_per_problem, int)
-                or self.rejection_per_problem < 0):
-            raise ValueError(f"ExtractConfig.rejection_per_problem: expected a non-negative integer or None, "
-                             f"got {self.rejection_per_problem!r}")
+            if value is None and name == "rejection_per_problem":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if not isinstance(self.min_margin, (int, float)) or not math.isfinite(self.min_margin):
-            raise ValueError(f"ExtractConfig.min_margin: expected a finite number, got {self.min_margin!r}")
+            raise ValueError(f"min_margin must be a finite number (below -2: no filter), got {self.min_margin!r}")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from rstar_jax.errors import InputError
+
 MODES = ("terminal", "ppm", "inference")
 TERMINAL_REASONS = ("answer", "exec_error", "max_depth", "no_stop", "dead_end")
 ROOT = 0
@@ -41,7 +43,7 @@ NODE_FIELDS = ("id", "parent", "depth", "text", "visits", "value_sum", "init_val
 OPTIONAL_NODE_FIELDS = ("error",)  # written only when set
 
 
-class TreeRecordError(ValueError):
+class TreeRecordError(InputError):
     """A bad tree record: where (file:line, problem, node, field) and what is wrong."""
 
     def __init__(self, reason: str, *, problem_id: str | None = None, node_id: int | None = None,

@@ -16,16 +16,18 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from rstar_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """A checkpoint written by a run with a different config (names the differing fields)."""
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(InputError):
     """A complete-looking checkpoint step that cannot be read."""
 
 

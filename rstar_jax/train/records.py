@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from rstar_jax.errors import InputError
 from rstar_jax.jsonl import json_objects
 from rstar_jax.tokenizer import PROMPT_TEMPLATE
 
@@ -20,7 +21,7 @@ _PROMPT_END = PROMPT_TEMPLATE.split("{question}")[1]  # "\n<|assistant|>: Let's 
 KINDS = ("sft", "pair", "pqm", "orm")
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A bad training record or file: where it is and what is wrong."""
 
 
@@ -38,17 +39,22 @@ def _text(rec: dict, name: str, where: str) -> str:
     return value
 
 
+def _got(rec: dict, name: str) -> str:
+    """What a field holds, for an error: a missing field is not a null one."""
+    return "nothing (missing)" if name not in rec else repr(rec[name])
+
+
 def _number(rec: dict, name: str, where: str) -> float:
     value = rec.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RecordError(f"{where}: field {name!r}: expected a finite number, got {value!r}")
+        raise RecordError(f"{where}: field {name!r}: expected a finite number, got {_got(rec, name)}")
     return float(value)
 
 
 def _count(rec: dict, name: str, where: str) -> int:
     value = rec.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecordError(f"{where}: field {name!r}: expected an integer >= 1, got {value!r}")
+        raise RecordError(f"{where}: field {name!r}: expected an integer >= 1, got {_got(rec, name)}")
     return value
 
 
@@ -68,7 +74,7 @@ def check_record(kind: str, rec: dict, where: str) -> dict:
     elif kind == "orm":
         out["response"] = _text(rec, "response", where)
         if not isinstance(rec.get("correct"), bool):
-            raise RecordError(f"{where}: field 'correct': expected true or false, got {rec.get('correct')!r}")
+            raise RecordError(f"{where}: field 'correct': expected true or false, got {_got(rec, 'correct')}")
         out["correct"] = rec["correct"]
     else:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
@@ -79,9 +85,18 @@ def read_records(kind: str, paths: str | Sequence[str]) -> list[Record]:
     """All records of `paths` (JSONL; blank lines skipped), in file order. Raises on the first bad line."""
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    seen = {}
+    for path in paths:  # one file twice would train on its records twice
+        real = os.path.realpath(path)
+        if real in seen:
+            raise RecordError(f"{path}: listed twice" + (f" (also as {seen[real]})" if seen[real] != path else "")
+                              + "; its records would be read twice")
+        seen[real] = path
     records = []
-    for path in map(os.fspath, paths):
+    for path in paths:
+        if os.path.isdir(path):
+            raise RecordError(f"{path}: a directory, not a {kind} records file")
         if not os.path.isfile(path):
             raise RecordError(f"{path}: no such {kind} records file")
         for line_no, rec in json_objects(path):

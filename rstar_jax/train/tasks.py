@@ -107,7 +107,8 @@ class Task:
             return ids
         if self.overlength == "error":
             raise RecordError(f"{rec.where}: record {rec.fields['id']!r} is {len(ids)} tokens, over "
-                              f"max_len={self.max_len} (raise max_len, or truncate over-length records)")
+                              f"max_len={self.max_len} (raise --max_len, or pass --overlength=truncate; in "
+                              "experiments.round, the --sft_ / --ppm_ versions)")
         stats.truncated += 1
         return ids[:self.max_len] if keep == "head" else ids[-self.max_len:]
 
