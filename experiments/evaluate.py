@@ -108,19 +108,67 @@ def _check_mcts_models(out_dir: str, policy_dir: str, reward_dir: str) -> None:
     write_json_atomic(marker, models)
 
 
-def _cached(path: str, digest: str, compute: Callable[[], dict], progress) -> dict:
-    """A method's raw results: from `path` when written with the same settings, else computed and saved."""
+CHUNK_PROBLEMS = 64  # problems a method runs on at a time: the unit of progress lines and of resuming
+
+
+def _cached(path: str, digest: str, problems: Sequence[dict], compute: Callable[[Sequence[dict]], list],
+            progress) -> dict:
+    """A method's raw results {"pools": per problem, "wall_s"}: from `path` when written with the same settings,
+    else computed `CHUNK_PROBLEMS` problems at a time (`compute(chunk)` -> their pools; every problem draws from
+    its own streams, so chunks change nothing), each chunk appended to `<path>.partial.jsonl` (a rerun after a
+    kill keeps them), then saved whole."""
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         if saved.get("digest") == digest:
             progress(f"evaluate: reusing {path}")
             return saved
-    start = time.perf_counter()
-    result = {**compute(), "digest": digest}
-    result["wall_s"] = time.perf_counter() - start
+    partial = path + ".partial.jsonl"
+    pools, wall_s = _read_partial(partial, digest)
+    if pools:
+        progress(f"evaluate: resuming {os.path.basename(path)}: {len(pools)}/{len(problems)} problems done")
+    else:
+        with open(partial, "w") as f:
+            f.write(json.dumps({"digest": digest}) + "\n")
+    todo = [p for p in problems if p["id"] not in pools]
+    start, done = time.perf_counter(), len(problems) - len(todo)
+    for i in range(0, len(todo), CHUNK_PROBLEMS):
+        chunk = todo[i:i + CHUNK_PROBLEMS]
+        t = time.perf_counter()
+        chunk_pools = compute(chunk)
+        line = {"ids": [p["id"] for p in chunk], "pools": chunk_pools, "wall_s": time.perf_counter() - t}
+        with open(partial, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        pools.update(zip(line["ids"], chunk_pools))
+        wall_s += line["wall_s"]
+        done += len(chunk)
+        rate = (i + len(chunk)) / (time.perf_counter() - start)
+        if done < len(problems):
+            progress(f"evaluate: {os.path.basename(path)}: {done}/{len(problems)} problems, {rate:.2f} problems/s, "
+                     f"ETA {(len(problems) - done) / rate:.0f}s")
+    result = {"pools": [pools[p["id"]] for p in problems], "digest": digest, "wall_s": wall_s}
     write_json_atomic(path, result)
+    os.remove(partial)
     return result
+
+
+def _read_partial(path: str, digest: str) -> tuple[dict, float]:
+    """The pools by problem id and their seconds in a partial file of these settings (a torn last line, the
+    write a kill cut short, is dropped); ({}, 0) when there is none."""
+    pools, wall_s = {}, 0.0
+    if not os.path.exists(path):
+        return pools, wall_s
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]  # the text after the last newline is a torn write
+    if not lines or json.loads(lines[0]).get("digest") != digest:
+        return {}, 0.0
+    for line in lines[1:]:
+        row = json.loads(line)
+        pools.update(zip(row["ids"], row["pools"]))
+        wall_s += row["wall_s"]
+    return pools, wall_s
 
 
 def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward_dir: str | None, out_dir: str,
@@ -175,9 +223,9 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
     with Sandbox(timeout_s=cfg.exec_timeout_s) as sandbox, Grader() as grader:
         block = baselines.block_sampler(model, tokenizer, mesh=mesh)
         if "greedy" in spec.methods:
-            raw = _cached(os.path.join(out_dir, "methods", "greedy.json"), digest("greedy"), lambda: {
-                "pools": baselines.greedy(block, tokenizer, problems, sandbox=sandbox, grader=grader,
-                                          config=base)}, progress)
+            raw = _cached(os.path.join(out_dir, "methods", "greedy.json"), digest("greedy"), problems, lambda chunk:
+                          baselines.greedy(block, tokenizer, chunk, sandbox=sandbox, grader=grader, config=base),
+                          progress)
             add("greedy", 1, [pool[0] for pool in raw["pools"]], sum(p[0]["num_tokens"] for p in raw["pools"]),
                 raw["wall_s"])
 
@@ -185,10 +233,10 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
         if wants:  # one pool of max(N) samples for both, scored when best-of-N needs it
             use_scorer = "best_of_n" in wants
             raw = _cached(os.path.join(out_dir, "methods", "samples.json"), digest("samples", n=max_n,
-                                                                                   scored=use_scorer), lambda: {
-                "pools": baselines.sample_solutions(block, tokenizer, problems, max_n, sandbox=sandbox,
-                                                    grader=grader, scorer=scorer if use_scorer else None,
-                                                    config=base)}, progress)
+                                                                                   scored=use_scorer), problems,
+                          lambda chunk: baselines.sample_solutions(block, tokenizer, chunk, max_n, sandbox=sandbox,
+                                                                   grader=grader, scorer=scorer if use_scorer else None,
+                                                                   config=base), progress)
             total = max(sum(t["num_tokens"] for pool in raw["pools"] for t in pool), 1)
             for n in spec.ns:
                 pools = [pool[:n] for pool in raw["pools"]]
@@ -202,10 +250,9 @@ def evaluate(problems: Sequence[dict], *, set_name: str, policy_dir: str, reward
 
         if "beam" in spec.methods:
             step_sampler = Sampler.for_steps(model, tokenizer, mesh=mesh, cache_mib=policy_cache_mib)
-            raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), lambda: {
-                "pools": baselines.step_beam_search(step_sampler, tokenizer, problems, scorer=scorer, sandbox=sandbox,
-                                                    grader=grader, config=base)},
-                progress)
+            raw = _cached(os.path.join(out_dir, "methods", "beam.json"), digest("beam"), problems, lambda chunk:
+                          baselines.step_beam_search(step_sampler, tokenizer, chunk, scorer=scorer, sandbox=sandbox,
+                                                     grader=grader, config=base), progress)
             # Tokens of the finished trajectories (pruned branches are not counted).
             add("beam", spec.beam_width, [pool[0] if pool else None for pool in raw["pools"]],
                 sum(t["num_tokens"] for pool in raw["pools"] for t in pool), raw["wall_s"])
@@ -260,7 +307,12 @@ def main(argv):
         raise app.UsageError(str(exc)) from None
     if any(m in NEEDS_REWARD_MODEL for m in spec.methods) and not FLAGS.reward_model:
         raise app.UsageError(f"--methods={','.join(spec.methods)} needs --reward_model (a PPM or ORM directory)")
+    search_flags.check_model_dirs("policy", "reward_model")
+    import jax
     multihost.initialize()
+    if jax.process_count() > 1:  # every process would evaluate every problem into the same files
+        raise app.UsageError(f"experiments.evaluate runs as one process (its devices: --search_mesh); this job has "
+                             f"{jax.process_count()}: start it without a multi-process launcher")
     from experiments.search import load_problem_set
     problems = load_problem_set(FLAGS.problems, FLAGS.limit, **search_flags.tfds_dirs())
     set_name = FLAGS.set_name or os.path.splitext(os.path.basename(FLAGS.problems.split(":")[-1]))[0]

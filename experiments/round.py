@@ -164,17 +164,8 @@ def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str |
     return {"rows": [{k: v for k, v in r.items() if k != "correct"} for r in summary["rows"]]}
 
 
-def base_eval_methods(stage_dir: str, eval_methods) -> list[str]:
-    """The base model's methods: those of `eval_methods` without a reward model (greedy, majority), added to what
-    an earlier round evaluated. When a round asks for one not yet there, the finished stage is reopened (process
-    0 removes its DONE.json) and runs again; the evaluation reuses the results it has, so only the new method
-    runs, and the rounds report gets the base model's figure for it."""
-    wanted = [m for m in eval_methods if m in ("greedy", "majority")] or ["greedy"]
-    done = stages.load_done(stage_dir)
-    evaluated = list(dict.fromkeys(r["method"] for r in done["rows"])) if done else []
-    if done and not set(wanted) <= set(evaluated) and stages.is_primary():
-        os.remove(os.path.join(stage_dir, stages.DONE))
-    return list(dict.fromkeys(evaluated + wanted))
+def _methods(summary: dict) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in summary["rows"]))
 
 
 def coverage_by_difficulty(search_dir: str, problems: list[dict]) -> dict[str, float]:
@@ -282,6 +273,11 @@ def check_inputs() -> RoundInputs:
     ppm = FLAGS.ppm or (os.path.join(previous, "ppm", "hf") if k > 1 else None)
     if config.uses_ppm and ppm is None:
         _fail(f"--mode={config.mode} needs a PPM: --ppm" + (f", or a finished round {k - 1}" if k > 1 else ""))
+    for given, stage in (("policy", "policy"), ("ppm", "ppm" if config.uses_ppm else None)):
+        stage_dir = os.path.join(previous, stage) if stage and k > 1 and not FLAGS[given].value else None
+        if stage_dir and os.path.isdir(stage_dir) and not stages.is_done(stage_dir):  # its export may be partial
+            _fail(f"round {k - 1}'s {stage} stage is not complete ({stage_dir} has no {stages.DONE}): rerun round "
+                  f"{k - 1} to finish it, or pass --{given}")
     from rstar_jax.models.hf_io import check_hf_dir
     for what, path in (("base model", None if FLAGS.base_model == "miniature" else base),
                        ("search policy", policy if k > 1 or FLAGS.policy else None),
@@ -421,11 +417,15 @@ def run_round(inputs: RoundInputs) -> dict:
     if eval_problems is None:
         eval_problems = _problems("miniature", os.path.join(mini_data, "eval.jsonl"))
         eval_problems = eval_problems[:FLAGS.eval_max_problems] if FLAGS.eval_max_problems else eval_problems
-    # Evaluation runs on process 0's devices (the others wait).
+    # Evaluation runs on process 0's devices (the others wait). The base model's methods are those without a
+    # reward model; a round that asks for one an earlier round did not evaluate extends the stage (the results
+    # it has are reused), so the rounds report has the base model's figure for it.
     base_eval = os.path.join(run_dir, "base_eval")
-    base_methods = base_eval_methods(base_eval, FLAGS.eval_methods)
+    wanted = [m for m in FLAGS.eval_methods if m in ("greedy", "majority")] or ["greedy"]
+    evaluated = _methods(stages.load_done(base_eval) or {"rows": []})
     stages.run_stage("base model evaluation", base_eval, lambda d: evaluate_model(
-        d, eval_problems, base, None, base_methods, trained=False), primary_only=True)
+        d, eval_problems, base, None, list(dict.fromkeys(evaluated + wanted)), trained=False), primary_only=True,
+        covers=lambda summary: set(wanted) <= set(_methods(summary)))
     results = stages.run_stage("evaluation", os.path.join(here, "eval"), lambda d: evaluate_model(
         d, eval_problems, os.path.join(here, "policy", "hf"), os.path.join(here, "ppm", "hf"), FLAGS.eval_methods,
         trained=True),

@@ -49,18 +49,24 @@ def load_problem_set(spec: str, limit: int = 0, *, data_dir: str | None = None, 
     Bad or empty input raises an InputError that starts with `--{flag}={spec}`."""
     from rstar_jax.data import load_benchmark, load_problems
     from rstar_jax.data.problem_pool import POOL_PRESETS, open_problem_pool, pool_manifest
-    try:
+
+    def load():
         if spec.startswith("tfds:"):
-            problems = load_benchmark(spec[len("tfds:"):], data_dir=data_dir, manual_dir=manual_dir)
-        elif spec.startswith("pool:"):
+            return load_benchmark(spec[len("tfds:"):], data_dir=data_dir, manual_dir=manual_dir)
+        if spec.startswith("pool:"):
             preset, _, files = spec[len("pool:"):].partition(":")
             if preset not in POOL_PRESETS or not files:
                 raise InputError(f"expected pool:<preset>:<files> with a preset of {', '.join(POOL_PRESETS)}")
             digest = hashlib.sha256(json.dumps([preset, pool_manifest(files)]).encode()).hexdigest()[:12]
             source = open_problem_pool(files, name=f"{preset}_{digest}", preset=preset, data_dir=data_dir)
-            problems = source[:limit or len(source)]
-        else:
-            problems = load_problems(spec)
+            return source[:limit or len(source)]
+        return load_problems(spec)
+
+    try:
+        try:
+            problems = load()
+        except FileExistsError:  # another host built the same set into the shared data dir first: read that
+            problems = load()
     except (OSError, ValueError) as e:
         raise InputError(f"--{flag}={spec}: {e}") from e
     if not problems:
@@ -157,13 +163,7 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     if config.uses_ppm and not FLAGS.ppm:
         raise app.UsageError(f"--mode={config.mode} needs --ppm (a reward model directory)")
-    from rstar_jax.models.hf_io import check_hf_dir
-    for flag in ("policy", "ppm"):  # before anything is written
-        if FLAGS[flag].value:
-            try:
-                check_hf_dir(FLAGS[flag].value)
-            except InputError as e:
-                raise InputError(f"--{flag}: {e}") from None
+    search_flags.check_model_dirs("policy", "ppm")
     multihost.initialize()
     start = time.perf_counter()
     problems = load_problem_set(FLAGS.problems, FLAGS.limit, **search_flags.tfds_dirs())

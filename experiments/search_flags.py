@@ -112,6 +112,19 @@ def cache_budgets() -> dict[str, float]:
     return {"score_cache_mib": flags.FLAGS.score_cache_mib, "policy_cache_mib": flags.FLAGS.policy_cache_mib}
 
 
+def check_model_dirs(*names: str) -> None:
+    """The model directories of the flags `names` (those given) hold what loading them needs, checked before
+    anything is written; an InputError names the flag and the problem."""
+    from rstar_jax.errors import InputError
+    from rstar_jax.models.hf_io import check_hf_dir
+    for name in names:
+        if flags.FLAGS[name].value:
+            try:
+                check_hf_dir(flags.FLAGS[name].value)
+            except InputError as e:
+                raise InputError(f"--{name}: {e}") from None
+
+
 def search_mesh_shape() -> tuple[int, int, int]:
     return tuple(int(v) for v in flags.FLAGS.search_mesh)  # checked when the flags were parsed
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from typing import Callable, Iterable
 
@@ -27,16 +28,21 @@ class FlagConflictError(InputError):
     pass
 
 
+def _tmp_name(path: str) -> str:
+    """A temporary name beside `path` that no other process writes, on any host (containers share pids)."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
 def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
     """One JSON object per line, written to a temporary file and renamed into place."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = _tmp_name(path)
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, value) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = _tmp_name(path)
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True, default=str)
         f.flush()
@@ -114,11 +120,13 @@ def agree(value: int) -> int:
 
 
 def run_stage(name: str, stage_dir: str, work: Callable[[str], dict], log: Callable[[str], None] = print, *,
-              primary_only: bool = False) -> dict:
-    """Run `work(stage_dir)` unless the stage is complete; returns its summary (saved in DONE.json)."""
+              primary_only: bool = False, covers: Callable[[dict], bool] = lambda summary: True) -> dict:
+    """Run `work(stage_dir)` unless the stage is complete; returns its summary (saved in DONE.json).
+    `covers(summary)`: whether a finished stage's summary holds all that is asked now; when not, the stage
+    runs again and its DONE.json (kept meanwhile, so a kill loses nothing) is replaced at the end."""
     done = os.path.join(stage_dir, DONE)
     # Process 0's view: a process that arrives late must not see DONE.json written meanwhile and skip.
-    if agree(os.path.exists(done)):
+    if agree(os.path.exists(done) and covers(load_done(stage_dir))):
         with open(done) as f:
             summary = json.load(f)
         log(f"[{name}] complete, skipped ({stage_dir})")

@@ -189,7 +189,7 @@ def test_bad_settings_are_refused_before_anything_is_loaded(tmp_path, flag, mess
     assert not os.listdir(tmp_path)
 
 
-def test_spec_and_problem_set_checks(tmp_path):
+def test_spec_model_and_problem_set_checks(tmp_path, miniature):
     for bad, message in ((dict(methods=()), "no methods"), (dict(vote_top_k=0), "vote_top_k=0 must be >= 1"),
                          (dict(bootstrap=-5, beam_width=0), "beam_width=0, bootstrap=-5 must be >= 1")):
         with pytest.raises(ValueError, match=message):
@@ -200,8 +200,37 @@ def test_spec_and_problem_set_checks(tmp_path):
                  search_config=SMALL)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--problems={empty}", "--policy=p",
-                           f"--out={tmp_path / 'out'}", "--methods=greedy"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 1 and f"--problems={empty}: no problems" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    for policy, message in (("p", "--policy: p: no such directory"),
+                            (miniature["policy"], f"--problems={empty}: no problems")):
+        proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--problems={empty}",
+                               f"--policy={policy}", f"--out={tmp_path / 'out'}", "--methods=greedy"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_method_killed_midway_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
+    from experiments import evaluate as ev
+    monkeypatch.setattr(ev, "CHUNK_PROBLEMS", 2)
+    problems = [{"id": f"p{i}"} for i in range(5)]
+    computed = []
+
+    def compute(chunk, die_after=None):
+        if die_after is not None and len(computed) >= die_after:
+            raise KeyboardInterrupt  # the kill
+        computed.extend(p["id"] for p in chunk)
+        return [[{"answer": p["id"]}] for p in chunk]
+
+    path, lines = str(tmp_path / "greedy.json"), []
+    with pytest.raises(KeyboardInterrupt):
+        ev._cached(path, "d1", problems, lambda chunk: compute(chunk, die_after=2), lines.append)
+    with open(path + ".partial.jsonl", "a") as f:
+        f.write('{"ids": ["p2"')  # and a write the kill cut short
+    raw = ev._cached(path, "d1", problems, compute, lines.append)
+    assert computed == ["p0", "p1", "p2", "p3", "p4"]  # each problem once
+    assert [pool[0]["answer"] for pool in raw["pools"]] == [p["id"] for p in problems]
+    assert "evaluate: resuming greedy.json: 2/5 problems done" in lines and not os.path.exists(path + ".partial.jsonl")
+    assert any(line.startswith("evaluate: greedy.json: 4/5 problems,") and "ETA" in line for line in lines), lines
+    assert ev._cached(path, "d1", problems, lambda chunk: 1 / 0, lines.append) == raw  # complete: reused
+    computed.clear()
+    assert ev._cached(path, "d2", problems, compute, lines.append)["digest"] == "d2" and len(computed) == 5

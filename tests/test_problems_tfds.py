@@ -223,3 +223,20 @@ def test_a_pool_spec_loads_a_training_pool_for_search_and_rounds(tmp_path):
     assert len(load_problem_set(f"pool:numinamath:{grown}", data_dir=str(data))) == len(first) + 1
     with pytest.raises(ValueError, match="expected pool:<preset>:<files> with a preset of jsonl, numinamath"):
         load_problem_set(f"pool:numina:{POOL}", data_dir=str(data))
+
+
+def test_a_build_another_host_finished_first_is_read(tmp_path, monkeypatch):
+    """Hosts sharing a data dir build a set at once: the one that loses the final rename reads the other's."""
+    import rstar_jax.data
+    from experiments.search import load_problem_set
+    calls = []
+
+    def load_benchmark(name, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise FileExistsError(f"{tmp_path}/{name}/1.0.0")
+        return [{"id": "a", "question": "q", "answer": "1"}]
+
+    monkeypatch.setattr(rstar_jax.data, "load_benchmark", load_benchmark)
+    assert load_problem_set("tfds:math500", data_dir=str(tmp_path)) == [{"id": "a", "question": "q", "answer": "1"}]
+    assert calls == ["math500", "math500"]

@@ -125,6 +125,9 @@ def test_the_miniature_flags_are_pinned_for_every_round(tmp_path):
     base = _fake_model(tmp_path / "base")
     _fake_model(tmp_path / "run" / "round_1" / "policy" / "hf")
     common = [f"--run_dir={tmp_path / 'run'}", "--problems=miniature", f"--base_model={base}"]
+    out = _round(*common, "--round=2")
+    assert out.returncode != 0 and "round 1's policy stage is not complete" in out.stderr, out.stderr
+    (tmp_path / "run" / "round_1" / "policy" / "DONE.json").write_text("{}")
     out = _round(*common, "--round=2", "--miniature_pool=8")  # pins, builds the data, fails at the fake policy
     assert out.returncode != 0 and (tmp_path / "run" / "miniature" / "data" / "DONE.json").exists(), out.stderr
     out = _round(*common, "--round=3", f"--policy={base}", "--miniature_pool=16")

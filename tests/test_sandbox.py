@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from rstar_jax.verify.sandbox import (
-    DEFAULT_PRELOAD, MAX_PROGRAM_CHARS, ExecResult, Sandbox, SandboxError, SandboxLimits)
+    DEFAULT_PRELOAD, MAX_PROGRAM_CHARS, ExecResult, Sandbox, SandboxError, SandboxLimits, missing_layers)
 
 TIMEOUT_S = 2.0
 MARGIN_S = 1.5  # scheduling slack on a loaded 2-core machine, on top of the program's timeout
@@ -198,6 +198,9 @@ def test_isolation_report_lists_the_layers(full, bare):
         assert key in full.isolation
     assert {"numpy", "sympy"} <= set(full.isolation["preloaded"])
     assert not bare.isolation["pid_namespace"] and not bare.isolation["network_namespace"]
+    assert "a PID namespace (programs see the host's processes)" in missing_layers(bare.isolation)  # and logged
+    if os.geteuid() == 0 and full.isolation["pid_namespace"] and full.isolation["landlock_abi"]:
+        assert missing_layers(full.isolation) == []
 
 
 # ------------------------------------------------------------------------------------------ hostile programs
@@ -223,6 +226,22 @@ def test_fork_bomb(sandbox, program):
     assert result.failed
     assert_serving(sandbox)
     if os.geteuid() == 0:  # every process of the sandbox uids is gone shortly after the result
+        deadline = time.monotonic() + 5
+        while sandbox_processes(sandbox_uids(sandbox)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandbox_processes(sandbox_uids(sandbox)) == []
+
+
+@pytest.mark.parametrize("program", [
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\nwhile True:\n    pass",
+    "import os, time\nfor _ in range(3):\n    if os.fork():\n        os._exit(0)\n    os.setsid()\ntime.sleep(600)",
+], ids=["daemon_then_timeout", "fork_and_exit_chain"])
+def test_processes_in_sessions_of_their_own_die_with_the_run(sandbox, program):
+    """Out of the program's process group, they come back to the fork server only as their parents die."""
+    result = run_one(sandbox, program, timeout_s=2.0)  # back in time: timed out, or exited early
+    assert result.failed
+    assert_serving(sandbox)  # the next programs run at once: no wait on a survivor
+    if os.geteuid() == 0:
         deadline = time.monotonic() + 5
         while sandbox_processes(sandbox_uids(sandbox)) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -267,6 +286,22 @@ def test_writes_outside_the_working_directory(sandbox):
         assert leaked == []
     elif sandbox.isolation["drops_privileges"]:  # only world-writable places are left open
         assert [path for path in leaked if path.startswith(("/etc/", os.getcwd()))] == []
+    assert_serving(sandbox)
+
+
+def test_files_beyond_the_libraries_cannot_be_read(sandbox):
+    """Problem files hold the answers the search grades against; checkpoints, homes and the repository are no
+    program's business either. The interpreter's and the system's libraries stay readable (imports work)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = ["/etc/passwd", os.path.join(repo, "README.md"), os.path.join(repo, "tests", "data", "grader_cases.jsonl"),
+             os.path.expanduser("~")]
+    program = ("import os\nfor p in %r:\n    try:\n        open(p).read() if os.path.isfile(p) else os.listdir(p)\n"
+               "        print('read')\n    except OSError as e:\n        print(type(e).__name__)\n"
+               "import fractions, sympy, numpy\nprint(sympy.Rational(1, 3) + fractions.Fraction(1, 6))") % paths
+    result = run_one(sandbox, program)
+    assert not result.failed, result
+    if sandbox.isolation["landlock_abi"]:
+        assert result.stdout.split("\n") == ["PermissionError"] * len(paths) + ["1/2"], result.stdout
     assert_serving(sandbox)
 
 
@@ -329,6 +364,16 @@ def test_new_namespaces_are_refused(sandbox):
                               "print(libc.unshare(0x10000000), ctypes.get_errno() == 1, os.getuid() != 0)")
     if sandbox.isolation["seccomp"]:  # a user namespace would hand the program capabilities again
         assert result.stdout == "-1 True True"
+    assert_serving(sandbox)
+
+
+def test_system_v_shared_memory_is_refused(sandbox):
+    """A segment no process owns would outlive the program (and its memory limit) and reach the next one."""
+    result = run_one(sandbox, "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                              "print(libc.shmget(0, 1 << 20, 0o1600), libc.msgget(0, 0o1600), "
+                              "libc.semget(0, 1, 0o1600), ctypes.get_errno() == 1)")
+    if sandbox.isolation["seccomp"]:
+        assert result.stdout == "-1 -1 -1 True", result
     assert_serving(sandbox)
 
 

@@ -76,19 +76,26 @@ def test_unmarked_or_temporary_step_is_never_restored(saved, tmp_path, open_chec
     assert os.path.isdir(os.path.join(directory, "5.incomplete-0"))  # kept for inspection, out of the way
 
 
-# orbax leaves an asyncio callback behind after an aborted restore / save sequence (harmless).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupt_step_is_named(saved, tmp_path, open_checkpointer):
-    directory = str(tmp_path / "ckpt")
-    shutil.copytree(saved[0], directory)
-    state_dir = os.path.join(directory, "2", "state")
-    for root, _, files in os.walk(state_dir):
+def _garble_state(step_dir):
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
         for name in files:
             if name != "_METADATA":
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
+
+
+# orbax leaves an asyncio callback behind after an aborted restore / save sequence (harmless).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_step_is_named_and_the_step_before_restored(saved, tmp_path, open_checkpointer):
+    directory = str(tmp_path / "ckpt")
+    shutil.copytree(saved[0], directory)
+    shutil.copytree(os.path.join(directory, "2"), os.path.join(directory, "4"))
+    _garble_state(os.path.join(directory, "4"))  # committed, but its arrays do not read back
     trainer, _ = make_trainer(steps=3)
-    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {directory}/2: cannot restore the train state"):
+    step, _, data = open_checkpointer(directory, RUN).restore_latest(trainer.abstract_state())
+    assert step == 2 and data == saved[2]
+    _garble_state(os.path.join(directory, "2"))
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {directory}/4: cannot restore the train state"):
         open_checkpointer(directory, RUN).restore_latest(trainer.abstract_state())
     # tensorstore's reads of the garbage still finish in the background: let them, under this test's filter.
     time.sleep(1.0)

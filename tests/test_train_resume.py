@@ -127,33 +127,6 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_parameters(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_run_resumes_on_another_mesh(tmp_path):
-    """A job restarted on another number of devices (a preempted slice, fewer nodes) resumes its checkpoint,
-    resharded, to the parameters of an uninterrupted run up to float rounding."""
-    from rstar_jax.train.checkpoint import Checkpointer
-    from rstar_jax.train.loop import fit
-    from tests.train_fixtures import make_trainer
-    run = {"task": "sft", "steps": 6}
-    params = lambda result: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result.state.params))]
-    trainer, it = make_trainer(steps=6, buckets=(32,), mesh_shape=(1, 2, 1))
-    fresh_iterator = lambda: type(it)(it.examples, it.task, it.cfg)
-    baseline = params(fit(trainer, fresh_iterator()))
-    ckpt = Checkpointer(str(tmp_path), run, every=3, async_save=False)
-    with pytest.raises(_Interrupt):
-        fit(trainer, _DiesAfter(fresh_iterator(), 4), checkpointer=ckpt)  # newest checkpoint: step 3
-    ckpt.close()
-    trainer, _ = make_trainer(steps=6, buckets=(32,), mesh_shape=(2, 2, 1))  # data x fsdp over 4 devices
-    ckpt = Checkpointer(str(tmp_path), run, every=3, async_save=False)
-    result = fit(trainer, fresh_iterator(), checkpointer=ckpt)
-    ckpt.close()
-    assert result.resumed_from == 3
-    assert all(len(x.sharding.device_set) == 4 for x in jax.tree.leaves(result.state.params))
-    gc.collect()
-    for got, want in zip(params(result), baseline, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
 def test_bad_inputs_stop_with_a_named_error(inputs, tmp_path):
     long = write_jsonl(tmp_path / "long.jsonl", [{"id": "x", "prompt": "Q:", "response": " 1 + 2 = 3" * 40}])
     proc = subprocess.run(_command(inputs, str(tmp_path / "a"), f"--train_records={long}", "--mesh=-1,1,1"),

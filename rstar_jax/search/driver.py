@@ -294,8 +294,9 @@ class SearchDriver:
     def _status(self, done: int, total: int, rollouts: int, elapsed: float) -> str:
         busy = sum(self.times[k] for k in PHASES) or 1.0
         split = ", ".join(f"{k} {100 * self.times[k] / busy:.1f}%" for k in PHASES)
-        return (f"search: {done}/{total} problems, {rollouts / max(elapsed, 1e-9):.2f} rollouts/s, {elapsed:.0f}s; "
-                f"time split: {split} (+ tree compile {self.times['compile']:.1f}s)")
+        eta = f", ETA {elapsed / done * (total - done):.0f}s" if 0 < done < total else ""  # at this pace
+        return (f"search: {done}/{total} problems, {rollouts / max(elapsed, 1e-9):.2f} rollouts/s, {elapsed:.0f}s"
+                f"{eta}; time split: {split} (+ tree compile {self.times['compile']:.1f}s)")
 
     # ---- one expansion of every live tree ------------------------------------------------------
 

@@ -8,10 +8,12 @@ checkpoint: it is skipped with a warning, and resuming continues from the newest
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -54,15 +56,17 @@ class Checkpointer:
         self.run_config = json.loads(json.dumps(run_config, default=str))  # as it will read back
         self.digest = config_digest(self.run_config)
         self.every = every
+        # cleanup_tmp_directories: a save cut short by a kill leaves a whole train state in orbax's temp dir.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def complete_steps(self) -> list[int]:
         """Steps whose directory orbax finalized and marked committed, oldest first.
 
-        An unmarked step directory is renamed to `<step>.incomplete-<n>` (kept for inspection): it is
-        never restored, and it must not block a later save of the same step.
+        An unmarked step directory is renamed to `<step>.incomplete-0` (kept for inspection, the newest one
+        only: each holds a whole train state): it is never restored, and it must not block a later save of
+        the same step.
         """
         steps = []
         for step in self.manager.all_steps():
@@ -72,10 +76,9 @@ class Checkpointer:
                 continue
             log.warning("checkpoint %s has no %s: incomplete, not restored (moved aside)", path, COMMIT_MARKER)
             if jax.process_index() == 0:
-                n = 0
-                while os.path.exists(f"{path}.incomplete-{n}"):
-                    n += 1
-                os.rename(path, f"{path}.incomplete-{n}")
+                for old in glob.glob(os.path.join(self.directory, "*.incomplete-*")):
+                    shutil.rmtree(old, ignore_errors=True)
+                os.rename(path, f"{path}.incomplete-0")
         if len(steps) != len(self.manager.all_steps()):
             self.manager.reload()
         return sorted(steps)
@@ -89,11 +92,21 @@ class Checkpointer:
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
-        """(step, state on `abstract_state`'s shardings, data state) of the newest complete step, or None."""
+        """(step, state on `abstract_state`'s shardings, data state) of the newest complete step that reads back
+        (an unreadable one is skipped for the one before, with a warning), or None when there is none."""
         steps = self.complete_steps()
-        if not steps:
-            return None
-        step = steps[-1]
+        first_error = None
+        for step in reversed(steps):
+            try:
+                return (step, *self._restore(step, abstract_state))
+            except CorruptCheckpointError as e:
+                log.warning("%s; trying the step before", e)
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return None
+
+    def _restore(self, step: int, abstract_state) -> tuple[object, dict]:
         path = os.path.join(self.directory, str(step))
         meta = self._checked_meta(step)
         try:
@@ -103,7 +116,7 @@ class Checkpointer:
             raise CorruptCheckpointError(f"checkpoint {path}: cannot restore the train state "
                                          f"({type(e).__name__}: {e})") from e
         log.info("restored checkpoint %s", path)
-        return step, restored["state"], meta["data"]
+        return restored["state"], meta["data"]
 
     def check_compatible(self) -> int | None:
         """The newest complete step, after checking it was written with this run's config (None: no step)."""

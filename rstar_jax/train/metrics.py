@@ -48,14 +48,17 @@ class MetricsWriter:
     def __init__(self, logdir: str | None, total_steps: int, print_fn=print):
         self.total_steps = total_steps
         self.print_fn = print_fn
+        self._logdir = logdir if jax.process_index() == 0 else None
         self._writer = None
-        if logdir and jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(logdir)
         self._start = time.perf_counter()
         self._start_step: int | None = None
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        if self._writer is None and self._logdir:
+            # Opened at the first step written: a resumed run's steps replace what the killed run logged after
+            # its checkpoint (TensorBoard drops earlier events from purge_step on), instead of doubling them.
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(self._logdir, purge_step=step)
         if self._writer is not None:
             for name, value in scalars.items():
                 self._writer.add_scalar(f"{prefix}/{name}", value, step)

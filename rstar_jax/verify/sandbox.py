@@ -82,6 +82,21 @@ class SandboxLimits:
     output_keep_chars: int = 8192      # head and tail of stdout kept (the display needs 512 of each)
 
 
+def missing_layers(isolation: dict) -> list[str]:
+    """The isolation layers the platform did not allow, each with what programs can do without it."""
+    missing = []
+    if not isolation.get("landlock_abi"):
+        missing.append("Landlock (programs can read every file their uid can, and write outside their directory "
+                       "where the file system is not read-only)")
+    if not isolation.get("seccomp"):
+        missing.append("seccomp (raw system calls: sockets below the audit hook, ptrace, shared memory)")
+    if not isolation.get("pid_namespace"):
+        missing.append("a PID namespace (programs see the host's processes)")
+    if not isolation.get("drops_privileges"):
+        missing.append("a separate uid (programs run as the caller's user: start as root to drop it)")
+    return missing
+
+
 class SandboxError(RuntimeError):
     """The sandbox itself failed (a worker could not start, the sandbox is closed)."""
 
@@ -136,6 +151,9 @@ class Sandbox:
             _log.warning("sandbox: the interpreter's files are not readable by uid %s and there is no mount "
                          "namespace to expose them; programs can import only the preloaded modules",
                          self.isolation.get("uid"))
+        missing = missing_layers(self.isolation)
+        if missing:  # it still runs: each missing layer is one of several over the same risk
+            _log.warning("sandbox: running without %s (see Sandbox.isolation)", "; ".join(missing))
         self._threads = [threading.Thread(target=self._serve, args=(w,), name=f"sandbox-worker-{w.index}",
                                           daemon=True) for w in self._workers]
         for thread in self._threads:

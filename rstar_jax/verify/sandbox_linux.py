@@ -99,12 +99,13 @@ CAPABILITY_VERSION_3 = 0x20080522  # capset(2) with two CapData: all 64 capabili
 
 
 # ----------------------------------------------------------------------------------------------- landlock
-# Landlock (Linux 5.13+, unprivileged): file writes only beneath the working directory; with ABI 4+ no TCP
-# bind/connect; with ABI 6+ no signals to processes outside the program's own. Holds without root or namespaces.
+# Landlock (Linux 5.13+, unprivileged): file writes only beneath the working directory, reads only there and in
+# the interpreter's and the system's libraries; with ABI 4+ no TCP bind/connect; with ABI 6+ no signals to
+# processes outside the program's own. Holds without root or namespaces.
 SYS_LANDLOCK_RESTRICT_SELF = 446
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE = 444, 445
 _LANDLOCK_RULE_PATH_BENEATH = 1
-_FS_WRITE_FILE = 1 << 1
+_FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 1, 1 << 2, 1 << 3
 _FS_WRITES_V1 = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-anything
 _FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14                                     # ABI 2, ABI 3
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1                               # ABI 4
@@ -118,13 +119,15 @@ def landlock_abi() -> int:
     return max(0, version)
 
 
-def landlock_ruleset(write_root: str, abi: int) -> int:
-    """A ruleset fd allowing writes only beneath ``write_root`` and to /dev/null; TCP and outside signals
-    denied where the ABI has them. A rule on a mount point is hidden by what is later mounted over it, so
-    ``write_root`` must be the directory as the program will see it. Enforced by
-    syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0) after PR_SET_NO_NEW_PRIVS."""
+def landlock_ruleset(write_root: str, abi: int, read_roots: tuple[str, ...] = ()) -> int:
+    """A ruleset fd allowing writes only beneath ``write_root`` and to /dev/null, reads only there, from
+    /dev/null and beneath ``read_roots`` (directories or files); TCP and outside signals denied where the ABI has
+    them. A rule on a mount point is hidden by what is later mounted over it, so ``write_root`` must be the
+    directory as the program will see it. Enforced by syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0) after
+    PR_SET_NO_NEW_PRIVS."""
     writes = _FS_WRITES_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
-    fields = [writes]
+    reads = _FS_READ_FILE | _FS_READ_DIR
+    fields = [writes | reads]
     if abi >= 4:
         fields.append(_NET_BIND_TCP | _NET_CONNECT_TCP)  # handled with no rule: every bind/connect denied
     if abi >= 6:
@@ -133,8 +136,10 @@ def landlock_ruleset(write_root: str, abi: int) -> int:
     ruleset = checked(libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.c_char_p(attr),
                                    ctypes.c_size_t(len(attr)), ctypes.c_uint32(0)), "landlock_create_ruleset")
     device_writes = _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
+    rules = [(write_root, writes | reads), (os.devnull, device_writes | _FS_READ_FILE)]
+    rules += [(path, reads if os.path.isdir(path) else _FS_READ_FILE) for path in read_roots]
     try:
-        for path, allowed in ((write_root, writes), (os.devnull, device_writes)):
+        for path, allowed in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rule = struct.pack("=Qi", allowed, fd)  # struct landlock_path_beneath_attr is packed

@@ -13,7 +13,9 @@ import os
 import platform
 import resource
 import signal
+import site
 import sys
+import sysconfig
 
 if __package__:
     from . import sandbox_linux as linux
@@ -30,6 +32,17 @@ def _refuse_network(event: str, args: tuple, _startswith=str.startswith) -> None
     # Audit hooks cannot be removed from Python code; seccomp and Landlock refuse the syscalls too.
     if _startswith(event, "socket."):
         raise PermissionError(errno.EPERM, "network access is disabled in the sandbox")
+
+
+def readable_roots() -> tuple[str, ...]:
+    """What a program may read besides its working directory: the interpreter's libraries (standard library,
+    site-packages), the system's shared libraries, /proc and the random and zero devices. Not the repository,
+    home directories, problem files (the answers) or checkpoints."""
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")} | set(site.getsitepackages())
+    roots |= {"/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/usr/share/zoneinfo", "/etc/ld.so.cache",
+              "/proc", "/dev/urandom", "/dev/zero"}
+    return tuple(sorted({os.path.realpath(p) for p in roots if os.path.exists(p)}))
 
 
 class Lockdown:
@@ -52,6 +65,7 @@ class Lockdown:
         self._no_new_privs = (ctypes.c_int(linux.PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero)
         self._capset = (ctypes.byref(linux.CapHeader(linux.CAPABILITY_VERSION_3, 0)), (linux.CapData * 2)())  # none
         self.landlock_abi = linux.landlock_abi()
+        self.read_roots = readable_roots()
         self._landlock = None
         self._seccomp = SeccompFilter(platform.machine())
         self.applied: dict = {}  # in the child: which best-effort layers took (read by the start-up probe)
@@ -60,7 +74,7 @@ class Lockdown:
         """In the fork server, before each fork: the Landlock ruleset for this run's working directory."""
         if self.landlock_abi:
             try:
-                ruleset = linux.landlock_ruleset(work_dir, self.landlock_abi)
+                ruleset = linux.landlock_ruleset(work_dir, self.landlock_abi, self.read_roots)
             except OSError:
                 return
             self._landlock = (ctypes.c_long(linux.SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset),
@@ -75,8 +89,8 @@ class Lockdown:
     def apply(self, report_fd: int, work_dir: str, timeout_s: float) -> None:
         """In the child: lock it down, with ``report_fd`` moved to REPORT_FD; raises where a required layer fails."""
         libc = linux.libc
+        parent = os.getppid()
         os.setsid()  # its own process group and session: killable as a group, no controlling terminal
-        linux.checked(libc.prctl(*self._pdeathsig), "prctl(PDEATHSIG)")
         linux.checked(libc.prctl(*self._no_new_privs), "prctl(NO_NEW_PRIVS)")  # Landlock and seccomp need it
         landlocked = self._landlock is not None and libc.syscall(*self._landlock) == 0  # before its fd closes
         for fd in (0, 1, 2):
@@ -95,6 +109,10 @@ class Lockdown:
             os.setresuid(uid, uid, uid)
             if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
                 raise PermissionError(f"could not become uid {uid} / gid {gid}")
+        # After the uid change, which clears it: the program dies with the fork server.
+        linux.checked(libc.prctl(*self._pdeathsig), "prctl(PDEATHSIG)")
+        if os.getppid() != parent:  # the fork server died before the signal was armed
+            os._exit(1)
         linux.checked(libc.capset(*self._capset), "capset")  # inside a user namespace setuid is not available
         seccomp = self._seccomp.install()
         sys.addaudithook(_refuse_network)

@@ -15,8 +15,9 @@ else:  # loaded by the worker as a top-level module
 SECCOMP_MODE_FILTER = 2
 
 # Syscalls a math program never needs that reach the network, other processes' memory or the kernel's
-# namespace, mount, key and module machinery (plus clone with namespace flags, kill(-1) and terminal input
-# injection, checked by argument). Numbers checked against both kernel syscall tables.
+# namespace, mount, key and module machinery, or System V IPC (shared memory no process owns: it outlives the
+# program, escapes its memory limit and carries state to the next one), plus clone with namespace flags,
+# kill(-1) and terminal input injection, checked by argument. Numbers checked against both kernel syscall tables.
 _DENIED_SYSCALLS = {
     "x86_64": dict(socket=41, socketpair=53, ptrace=101, process_vm_readv=310, process_vm_writev=311,
                    io_uring_setup=425, io_uring_enter=426, io_uring_register=427, bpf=321, perf_event_open=298,
@@ -24,14 +25,18 @@ _DENIED_SYSCALLS = {
                    keyctl=250, add_key=248, request_key=249, kexec_load=246, kexec_file_load=320, init_module=175,
                    finit_module=313, delete_module=176, reboot=169, swapon=167, swapoff=168, acct=163,
                    name_to_handle_at=303, open_by_handle_at=304, open_tree=428, move_mount=429, fsopen=430,
-                   fsconfig=431, fsmount=432, fspick=433, mount_setattr=442),
+                   fsconfig=431, fsmount=432, fspick=433, mount_setattr=442,
+                   shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66, semtimedop=220,
+                   msgget=68, msgsnd=69, msgrcv=70, msgctl=71),
     "aarch64": dict(socket=198, socketpair=199, ptrace=117, process_vm_readv=270, process_vm_writev=271,
                     io_uring_setup=425, io_uring_enter=426, io_uring_register=427, bpf=280, perf_event_open=241,
                     userfaultfd=282, unshare=97, setns=268, mount=40, umount2=39, pivot_root=41, chroot=51,
                     keyctl=219, add_key=217, request_key=218, kexec_load=104, kexec_file_load=294,
                     init_module=105, finit_module=273, delete_module=106, reboot=142, swapon=224, swapoff=225,
                     acct=89, name_to_handle_at=264, open_by_handle_at=265, open_tree=428, move_mount=429,
-                    fsopen=430, fsconfig=431, fsmount=432, fspick=433, mount_setattr=442),
+                    fsopen=430, fsconfig=431, fsmount=432, fspick=433, mount_setattr=442,
+                    msgget=186, msgctl=187, msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192,
+                    semop=193, shmget=194, shmctl=195, shmat=196, shmdt=197),
 }
 _ARCH = {"x86_64": (0xC000003E, dict(clone=56, clone3=435, kill=62, ioctl=16)),
          "aarch64": (0xC00000B7, dict(clone=220, clone3=435, kill=129, ioctl=29))}
