@@ -147,7 +147,7 @@ def _eval_spec(methods) -> "EvalSpec":
     try:
         return EvalSpec(methods=tuple(methods), ns=tuple(int(n) for n in FLAGS.eval_ns))
     except ValueError as e:
-        raise SystemExit(f"experiments.round: --eval_methods/--eval_ns: {e}") from None
+        raise InputError(f"--eval_methods/--eval_ns: {e}") from None
 
 
 def evaluate_model(stage_dir: str, problems: list[dict], policy: str, ppm: str | None, methods, *,
@@ -237,7 +237,7 @@ class RoundInputs:
 
 
 def _fail(message: str):
-    raise SystemExit(f"experiments.round: {message}")
+    raise InputError(message)  # printed as `experiments.round: error: <message>` (experiments.usage.run)
 
 
 def check_inputs() -> RoundInputs:
@@ -449,8 +449,8 @@ def _base_model_config():
                   "using the checkpoint's shapes", flush=True)
         return cfg
     if not FLAGS.model_preset:
-        raise SystemExit(f"experiments.round --dry_run: --base_model={FLAGS.base_model} has no config.json; give "
-                         "--model_preset for its shapes")
+        raise InputError(f"--dry_run: --base_model={FLAGS.base_model} has no config.json; give --model_preset for "
+                         "its shapes")
     return preset(FLAGS.model_preset)
 
 

@@ -114,7 +114,7 @@ def test_three_rounds_resume_and_report(setup):
 @pytest.mark.slow
 def test_a_round_without_preference_pairs_stops_with_its_policy_saved(setup, tmp_path):
     cmd = [sys.executable, "-m", "experiments.round", f"--run_dir={tmp_path / 'run'}", "--round=1", *_flags(setup),
-           "--mode=terminal", "--limit=2", "--pairs_per_side=0"]
+           "--mode=terminal", "--limit=2", "--min_margin=3"]  # Q differences are at most 2: no pair passes
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "yielded no preference pairs" in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "run" / "round_1" / "policy" / "DONE.json").exists()
