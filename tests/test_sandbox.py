@@ -305,6 +305,15 @@ def test_files_beyond_the_libraries_cannot_be_read(sandbox):
     assert_serving(sandbox)
 
 
+def test_a_read_root_the_program_cannot_see_gets_no_rule(tmp_path):
+    """A venv under /tmp is hidden by the per-run tmpfs: its rule is left out, not the whole of Landlock."""
+    from rstar_jax.verify import sandbox_linux as linux
+    abi = linux.landlock_abi()
+    if not abi:
+        pytest.skip("no Landlock on this kernel")
+    os.close(linux.landlock_ruleset(str(tmp_path), abi, (str(tmp_path / "hidden" / "site-packages"), "/usr/lib")))
+
+
 def test_environment_secrets_are_not_visible(sandbox):
     program = (f"import os, glob\nsecret = {SECRET!r}\nfound = [k for k, v in os.environ.items() if secret in v]\n"
                "readable = 0\nfor path in glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline'):\n"

@@ -137,7 +137,8 @@ def landlock_ruleset(write_root: str, abi: int, read_roots: tuple[str, ...] = ()
                                    ctypes.c_size_t(len(attr)), ctypes.c_uint32(0)), "landlock_create_ruleset")
     device_writes = _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
     rules = [(write_root, writes | reads), (os.devnull, device_writes | _FS_READ_FILE)]
-    rules += [(path, reads if os.path.isdir(path) else _FS_READ_FILE) for path in read_roots]
+    # A read root the program cannot see (a venv under /tmp, hidden by the per-run tmpfs) gets no rule.
+    rules += [(path, reads if os.path.isdir(path) else _FS_READ_FILE) for path in read_roots if os.path.exists(path)]
     try:
         for path, allowed in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
