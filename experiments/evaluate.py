@@ -26,7 +26,7 @@ from absl import app, flags
 
 from experiments import multihost, search_flags
 from experiments.stages import write_json_atomic
-from experiments.usage import check_usage, run
+from experiments.usage import check_usage, positive_ints, run
 from rstar_jax.errors import InputError
 
 METHODS = ("greedy", "majority", "best_of_n", "beam", "mcts")
@@ -50,6 +50,7 @@ def define_flags() -> None:
     flags.DEFINE_list("methods", ["greedy", "majority", "mcts"], f"any of {', '.join(METHODS)}")
     flags.register_validator("methods", bool, "--methods must name at least one method")
     flags.DEFINE_list("ns", ["1", "2", "4", "8"], "N values: samples (majority, best_of_n), searches (mcts)")
+    flags.register_validator("ns", positive_ints, "--ns must be positive integers, e.g. 1,4,8")
     flags.DEFINE_list("selections", list(SELECTIONS), "MCTS answer selections over the N searches")
     # Bounded here, so that a bad value stops the run before any generation, not after it.
     flags.DEFINE_integer("vote_top_k", 4, "k of majority_of_top_k", lower_bound=1)

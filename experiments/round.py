@@ -29,7 +29,7 @@ import sys
 from absl import app, flags
 
 from experiments import multihost, search_flags, stages, train_common
-from experiments.usage import check_usage, run
+from experiments.usage import check_usage, positive_ints, run
 from rstar_jax.errors import InputError
 from rstar_jax.models.config import PRESETS
 from rstar_jax.search.config import SearchConfig
@@ -89,6 +89,7 @@ def define_flags() -> None:
     flags.DEFINE_list("eval_methods", ["greedy"], "evaluation of the round's policy (the base model: its greedy and "
                       "majority only): greedy, majority, best_of_n, beam, mcts (with the round's PPM)")
     flags.DEFINE_list("eval_ns", ["1"], "evaluation N: samples (majority, best_of_n) and searches (mcts)")
+    flags.register_validator("eval_ns", positive_ints, "--eval_ns must be positive integers, e.g. 1,4")
     flags.DEFINE_integer("eval_num_candidates", 0, "evaluation MCTS candidates per step (0 = --num_candidates)",
                          lower_bound=0)
     flags.DEFINE_integer("eval_rollouts", 0, "evaluation MCTS rollouts per search (0 = --rollouts)", lower_bound=0)

@@ -125,20 +125,27 @@ def _mean_sd(values: Sequence[float]) -> dict:
 
 
 def study(runs: Sequence[list[dict]], difficulties: Sequence[str]) -> dict:
-    """Accuracy per (round, method, N) and coverage per round over the runs, plus the paired claims."""
+    """Accuracy per (round, method, N) and coverage per round over the runs, plus the paired claims and
+    `left_out`: a note for each (round, method, N) some run did not measure (on all of `difficulties`)."""
     num_rounds = min(len(r) for r in runs)
-    accuracy, coverage = [], []
+    accuracy, coverage, left_out = [], [], []
     for k in range(num_rounds):
-        for method, n in [(row["method"], row["n"]) for row in runs[0][k]["rows"]]:
+        keys = dict.fromkeys((row["method"], row["n"]) for run in runs for row in run[k]["rows"])
+        for method, n in keys:
             rows = [next((row for row in run[k]["rows"] if (row["method"], row["n"]) == (method, n)), None)
                     for run in runs]
             values = [row and subset_accuracy(row, difficulties) for row in rows]
             if all(v is not None for v in values):  # measured in every run
                 accuracy.append({"round": k, "method": method, "n": n, **_mean_sd(values)})
+            else:
+                missing = ", ".join(str(i + 1) for i, v in enumerate(values) if v is None)
+                left_out.append(f"round {k} {method}@{n} left out: not measured"
+                                f"{' on difficulties ' + ','.join(difficulties) if difficulties else ''} "
+                                f"in run {missing} of {len(runs)}")
         if k and all(run[k]["coverage"] for run in runs):
             coverage.append({"round": k, **_mean_sd([run[k]["coverage"]["all"] for run in runs])})
     return {"runs": len(runs), "difficulties": list(difficulties), "accuracy": accuracy, "coverage": coverage,
-            "claims": claims(accuracy, coverage, num_rounds - 1)}
+            "claims": claims(accuracy, coverage, num_rounds - 1), "left_out": left_out}
 
 
 def claims(accuracy: list[dict], coverage: list[dict], last: int) -> list[dict]:
@@ -187,7 +194,8 @@ def main(argv):
     check_distinct(FLAGS.runs)
     runs = [load_run(r) for r in FLAGS.runs]
     notes = check_runs(FLAGS.runs, runs, FLAGS.difficulties)
-    result = {**study(runs, FLAGS.difficulties), "notes": notes}
+    result = study(runs, FLAGS.difficulties)
+    result["notes"] = notes + result.pop("left_out")
     os.makedirs(FLAGS.out, exist_ok=True)
     write_json_atomic(os.path.join(FLAGS.out, "study.json"), result)
     text = to_markdown(result, FLAGS.runs)

@@ -204,6 +204,10 @@ def run_training(task_name: str, cfg: TrainStageConfig) -> dict:
                                             "the tokenizer comes from --tokenizer_dir or --init_hf_dir")
     if bool(cfg.init_hf_dir) == bool(cfg.preset):
         raise InputError("give exactly one of --init_hf_dir (a model to start from) and --preset (a fresh one)")
+    both = sorted(set(map(os.path.realpath, cfg.eval_records)) & set(map(os.path.realpath, train_files)))
+    if both:
+        raise InputError(f"--eval_records and --train_records both list {', '.join(both)}: held-out figures "
+                         "on training data would measure memorisation")
     os.makedirs(out, exist_ok=True)
 
     mesh_sizes = [int(x) for x in cfg.mesh]

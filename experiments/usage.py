@@ -16,6 +16,11 @@ def check_usage(argv, *required: str) -> None:
         raise app.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 
+def positive_ints(values: list[str]) -> bool:
+    """A list flag's validator: every item a positive integer."""
+    return bool(values) and all(v.strip().isdigit() and int(v) > 0 for v in values)
+
+
 def run(main) -> None:
     """`app.run(main)` with bad input reported as its message alone, `<program>: error: ...` (exit status 1):
     a usage error, an `InputError` or a file that cannot be read or written (the message names the flag,

@@ -179,6 +179,8 @@ def test_methods_needing_a_reward_model_are_refused_without_one(tmp_path):
     ("--beam_width=0", "flag --beam_width=0"),
     ("--methods=", "--methods must name at least one method"),
     ("--set_name=", "--set_name must not be empty"),
+    ("--ns=1,abc", "--ns must be positive integers"),
+    ("--ns=0", "--ns must be positive integers"),
 ])
 def test_bad_settings_are_refused_before_anything_is_loaded(tmp_path, flag, message):
     """Found at parse time, not after all generation and search (where they were first used)."""

@@ -5,6 +5,7 @@ The regression cases live in tests/data/grader_cases.jsonl (one case per line: p
 """
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -190,6 +191,22 @@ def test_time_bound_holds_off_the_main_thread():
         assert time.monotonic() - started < 15  # includes the workers' start
     assert results["tower"].timed_out and not results["tower"].equal
     assert results["symbolic"].equal and not results["symbolic"].timed_out
+
+
+def _grade_in_a_pool_worker(pairs):
+    with Grader(num_workers=1, timeout_s=1.0) as grader:
+        started = time.monotonic()
+        return [grader.grade(pred, ref) for pred, ref in pairs], time.monotonic() - started
+
+
+def test_grader_works_inside_a_daemonic_pool_worker():
+    """Users grade from multiprocessing pools, whose workers are daemonic (they may not start
+    multiprocessing children): the grader's own worker still starts there, and the bound still holds."""
+    pairs = [(r"\boxed{\frac{1}{2}}", "0.5"), (TOWER, "5"), (r"\boxed{x+1}", "1+x")]
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:  # no fork of a threaded test process
+        verdicts, elapsed = pool.apply(_grade_in_a_pool_worker, (pairs,))
+    assert [(v.equal, v.timed_out) for v in verdicts] == [(True, False), (False, True), (True, False)]
+    assert elapsed < 15  # the worker's start, the 1 s bound twice (the timeout is retried once), the rest
 
 
 def test_concurrent_grades_from_many_threads(grader):

@@ -166,6 +166,28 @@ def test_reexport_replaces_old_shards(policy, tmp_path):
     _assert_same_params(model, load_hf(str(tmp_path)))
 
 
+def test_interrupted_reexport_leaves_the_earlier_export_whole(policy, tmp_path, monkeypatch):
+    model, _ = policy
+    out = tmp_path / "hf"
+    save_hf(model, str(out), max_shard_bytes=20_000)
+    before = sorted(os.listdir(out))
+    real_save, calls = safetensors.numpy.save_file, []
+
+    def failing_save(tensors, path, metadata=None):  # the second shard's write dies (disk full, preemption)
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(tensors, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        save_hf(_policy(seed=5), str(out), max_shard_bytes=20_000)
+    assert sorted(os.listdir(out)) == before
+    _assert_same_params(model, load_hf(str(out)))
+    monkeypatch.setattr(safetensors.numpy, "save_file", real_save)
+    save_hf(model, str(out))  # the next export clears the half-written staging directory and replaces it
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 def test_bf16_round_trip(tmp_path):
     model = _policy(CFG.replace(dtype="bfloat16"))
     save_hf(model, str(tmp_path))

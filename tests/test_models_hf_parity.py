@@ -16,6 +16,7 @@ CONFIGS = [  # (tied, rope_theta, heads, kv_heads): heads = 2x and 4x kv heads
     (True, 1e4, 4, 2),
     (False, 1e6, 4, 1),
     (False, 1e4, 8, 2),
+    (True, 1e6, 8, 2),
 ]
 
 

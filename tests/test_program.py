@@ -1,6 +1,7 @@
 """Program assembly from rStar steps and the reference's output display."""
 import pytest
 
+from rstar_jax.verify import program
 from rstar_jax.verify.program import (
     assemble_program, current_block, extract_code, format_captured, format_output, is_answer_step,
     round_float_lines, truncate_middle)
@@ -91,3 +92,13 @@ def test_format_captured_matches_the_full_text_when_complete():
 def test_format_captured_with_the_middle_dropped():
     head, tail = "h" * 8192, "t" * 8192
     assert format_captured(head, tail, 10 ** 9) == "h" * 512 + "..." + "t" * 512
+
+
+def test_output_block_defuses_step_tags_the_program_printed():
+    printed = "7\n<end_of_output>\n<answer>The answer is \\boxed{42}<end_of_answer><code>"
+    block = program.output_block(printed)
+    assert block == ("\n<output>7\n&lt;end_of_output>\n&lt;answer>The answer is \\boxed{42}&lt;end_of_answer>"
+                     "&lt;code><end_of_output>\n")
+    for tag in program.STEP_TAGS:  # only the block's own two tags remain
+        assert block.count(tag) == (1 if tag in (program.OUTPUT, program.OUTPUT_END) else 0)
+    assert program.output_block("x < y <= 3") == "\n<output>x < y <= 3<end_of_output>\n"  # other text untouched

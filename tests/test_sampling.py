@@ -262,3 +262,29 @@ def test_prompts_extending_stored_contexts_prefill_only_their_new_tokens(tiny_mo
     assert [s.token_ids for s in got[0]] == [s.token_ids for s in want[0]] and len(small.store) == 0
     with pytest.raises(ValueError, match="texts and parents must name each of the 2 prompts"):
         stored.generate([a, b], texts=["ra"])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 2, 1.0), (1.0, 0, 0.65), (1.0, 0, 0.71),
+                                                       (0.7, 5, 0.9), (1.3, 0, 0.5), (1.0, 17, 0.95)])
+def test_top_k_and_top_p_keep_the_tokens_hf_keeps(temperature, top_k, top_p):
+    """The filters' kept sets against HF's warpers (temperature, then top-k, then top-p), on a hand-made row
+    ([.4, .3, .2, .1]: top-k 2 and top-p .65 keep 2 tokens, top-p .71 keeps 3) and on random rows."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from rstar_jax.sampling import _filter_logits
+    rng = np.random.default_rng(0)
+    hand = np.full((1, 64), -30.0, np.float32)
+    hand[0, :4] = np.log([0.4, 0.3, 0.2, 0.1])
+    logits = np.concatenate([hand, rng.normal(0, 3, (15, 64)).astype(np.float32)])  # [16, 64]
+    ours = np.isfinite(np.asarray(_filter_logits(
+        logits, SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p))))
+    scores = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits))
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    np.testing.assert_array_equal(ours, np.isfinite(scores.numpy()))
+    if temperature == 1.0 and (top_k, top_p) in ((2, 1.0), (0, 0.65), (0, 0.71)):
+        assert ours[0].sum() == (3 if top_p == 0.71 else 2)
+    assert ours.sum(axis=1).min() >= 1

@@ -111,3 +111,19 @@ def test_bad_difficulties_duplicate_runs_and_bad_summaries_are_named(tmp_path):
         assert proc.returncode == 1 and f"{run}/round_1/eval/DONE.json: {message}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_row_some_run_lacks_is_left_out_with_a_note(tmp_path):
+    a = _fake_run(tmp_path / "a", (0.2, 0.0), [((0.4, 0.2), (0.4, 0.4), (0.6, 0.4), 0.5)])
+    b = _fake_run(tmp_path / "b", (0.4, 0.2), [((0.4, 0.0), (0.6, 0.2), (0.6, 0.2), 0.6)])
+    _write(tmp_path / "b" / "round_1" / "eval", {"rows": [  # b: no majority vote, mcts on difficulty 3 only
+        _row("greedy", 1, {3: 0.4, 4: 0.0}), _row("mcts/top_score", 2, {3: 0.6})]})
+    result = study.study([study.load_run(a), study.load_run(b)], ["4"])
+    assert {(r["round"], r["method"]) for r in result["accuracy"]} == {(0, "greedy"), (1, "greedy")}
+    assert result["left_out"] == ["round 1 majority@2 left out: not measured on difficulties 4 in run 2 of 2",
+                                  "round 1 mcts/top_score@2 left out: not measured on difficulties 4 in run 2 of 2"]
+    out = tmp_path / "out"
+    proc = _study(f"--runs={a},{b}", "--difficulties=4", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "Note: round 1 majority@2 left out: not measured on difficulties 4 in run 2 of 2." in proc.stdout
+    assert "left_out" not in json.loads((out / "study.json").read_text())

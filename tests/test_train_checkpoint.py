@@ -1,5 +1,5 @@
 """Orbax train-state checkpoints: restore onto another mesh, refuse another config, never take an
-unmarked (partial) step, name a corrupt one."""
+unmarked (partial) step, name a corrupt one; a run keeps its newest saves and saves its last step."""
 import gc
 import os
 import shutil
@@ -100,3 +100,19 @@ def test_corrupt_step_is_named_and_the_step_before_restored(saved, tmp_path, ope
     # tensorstore's reads of the garbage still finish in the background: let them, under this test's filter.
     time.sleep(1.0)
     gc.collect()
+
+
+def test_fit_keeps_the_newest_saves_and_saves_the_last_step(tmp_path, open_checkpointer):
+    """every=2, keep=2 over 5 steps: saves at 2 and 4, and at the end (5, off the period); step 2 is deleted, and
+    step 5 holds the final state and the data position after it."""
+    from rstar_jax.train.loop import fit
+    directory = str(tmp_path / "ckpt")
+    trainer, it = make_trainer(steps=5)
+    ckpt = open_checkpointer(directory, {**RUN, "total_steps": 5}, 2, 2)
+    result = fit(trainer, it, checkpointer=ckpt)
+    assert ckpt.complete_steps() == [4, 5]
+    assert sorted(os.listdir(directory)) == ["4", "5"]  # step 2 removed, no temp or incomplete dirs left
+    step, state, data = ckpt.restore_latest(trainer.abstract_state())
+    assert step == 5 and int(state.step) == 5 and data == it.state.to_dict()
+    for got, want in zip(_flat(state), _flat(result.state), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -76,6 +76,30 @@ def test_schedule_warms_up_then_decays(schedule, mid, end):
     assert float(f(60)) == pytest.approx(mid, abs=1e-6) and float(f(110)) == pytest.approx(end, abs=1e-6)
 
 
+def test_clipping_scales_the_gradient_before_adam():
+    """max_grad_norm: the updates are plain AdamW's on g * min(1, max_grad_norm / |g|). Adam's first update is
+    scale-free (sign-like), so a second, unclipped gradient shows what clipping the first changed."""
+    params = {"w": jnp.ones((2, 2))}
+    grads = [{"w": jnp.full((2, 2), 2.5)}, {"w": jnp.array([[0.1, -0.2], [0.05, 0.0]])}]  # global norms 5, 0.23
+
+    def updates(max_grad_norm, grads):
+        tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, schedule="constant", max_grad_norm=max_grad_norm),
+                               total_steps=10)
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            out.append(np.asarray(u["w"]))
+        return out  # [steps] of [2, 2]
+
+    by_hand = [{"w": grads[0]["w"] / 5}, grads[1]]  # clipped to norm 1; the second is under it
+    clipped, unclipped = updates(1.0, grads), updates(0, grads)
+    for got, want in zip(clipped, updates(0, by_hand), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for got, want in zip(updates(1e6, grads), unclipped, strict=True):  # a bound never reached changes nothing
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.abs(clipped[1] - unclipped[1]).max() > 0.01  # vs an update of ~0.1: clipping was not a no-op
+
+
 def test_weight_decay_skips_biases_and_norms_but_not_the_value_head_weight():
     tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0), total_steps=10)
     params = {"w": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "norm": {"weight": jnp.ones((2,))},

@@ -1,6 +1,6 @@
 """`experiments.train_rm` trains a PPM end to end (held-out pairwise accuracy, HF export with the value
 head), and the PQM and ORM into scorers the search loads; the loop writes TensorBoard scalars and a profiler
-trace of the asked-for steps."""
+trace of the asked-for steps. A PPM scores a row at its last real token, however the batch pads it."""
 import glob
 import json
 import os
@@ -15,6 +15,29 @@ import pytest
 
 from tests.hf_fixtures import make_bpe_tokenizer
 from tests.train_fixtures import write_jsonl
+
+
+@pytest.mark.parametrize("side", ["right", "left"])  # the trainer's batches are right-padded
+def test_ppm_score_of_a_padded_row_is_its_unpadded_score(side):
+    from flax import nnx
+
+    from rstar_jax.models import PPM
+    from tests.train_fixtures import CFG
+    ppm = PPM(CFG.replace(num_layers=2), rngs=nnx.Rngs(0))
+    # A ~N(0, 1e-6) head scores everything ~0: a larger one makes the comparison meaningful.
+    ppm.v_head.weight[...] = np.linspace(-1, 1, ppm.config.hidden_size).astype(np.float32)
+    short, long = [5, 9, 12, 7], [3, 8, 6, 11, 4, 10, 2, 13, 14]
+    alone = float(ppm(jnp.asarray([short]), jnp.ones((1, len(short)), bool))[0])
+    pad = [0] * (len(long) - len(short))
+    row, row_mask = (short + pad, [True] * len(short) + [False] * len(pad)) if side == "right" else \
+        (pad + short, [False] * len(pad) + [True] * len(short))
+    tokens, mask = jnp.asarray([row, long]), jnp.asarray([row_mask, [True] * len(long)])  # [2, 9]
+    scores = np.asarray(ppm(tokens, mask))  # [2]
+    np.testing.assert_allclose(scores[0], alone, atol=1e-5)
+    np.testing.assert_allclose(scores[1], float(ppm(tokens[1:], mask[1:])[0]), atol=1e-5)
+    # Not vacuous: the padded row's last position, or the long row's, scores otherwise.
+    at_the_end = float(ppm(tokens[:1], jnp.ones((1, len(long)), bool))[0])
+    assert min(abs(at_the_end - alone), abs(scores[1] - alone)) > 100 * 1e-5, (alone, at_the_end, scores)
 
 
 def test_train_rm_ppm_end_to_end(tmp_path):

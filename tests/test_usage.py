@@ -27,6 +27,10 @@ def test_bad_input_is_one_line_naming_it(tmp_path):
     line = _run("sft", f"--train_records={problems}", f"--out_dir={out}", f"--tokenizer_dir={tmp_path}")
     assert line == ("experiments.sft: error: give exactly one of --init_hf_dir (a model to start from) and --preset "
                     "(a fresh one)")
+    line = _run("train_rm", "--task=ppm", f"--train_records={problems}", f"--eval_records={tmp_path}/./p.jsonl",
+                f"--out_dir={out}", "--preset=tiny", f"--tokenizer_dir={tmp_path}")
+    assert line == (f"experiments.train_rm: error: --eval_records and --train_records both list {problems}: held-out "
+                    "figures on training data would measure memorisation")
     line = _run("round", "--round=5", f"--run_dir={out}")
     assert line == "experiments.round: error: --round must be 1..4, got 5 (--help lists the flags)"
     assert not out.exists()

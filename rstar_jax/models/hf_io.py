@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -390,13 +391,17 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _remove_old_weights(out_dir: str) -> None:
-    # A stale index or shard set from an earlier export would otherwise shadow or mix with the new one.
-    for name in [SINGLE_FILE, INDEX_FILE, VALUE_HEAD_FILE] + [os.path.basename(p) for p in glob.glob(
-        os.path.join(out_dir, "model-*-of-*.safetensors"))]:
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
+def _replace_dir(staging: str, out_dir: str) -> None:
+    """Move the finished `staging` directory to `out_dir`, replacing an earlier export as a whole: a reader
+    sees the old export or the new one, never a mix or a half-written one."""
+    if os.path.isdir(out_dir):
+        old = f"{out_dir}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)
 
 
 def _shard(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -411,7 +416,8 @@ def _shard(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[st
 
 
 def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: int = 5 << 30) -> None:
-    """Writes `config.json` + safetensors (sharded with an index above `max_shard_bytes`) + tokenizer.
+    """Writes `config.json` + safetensors (sharded with an index above `max_shard_bytes`) + tokenizer,
+    into `out_dir.saving` first, which then replaces `out_dir` whole (an interrupted export leaves no part).
 
     All processes must call this (gathering is collective); only process 0 writes.
     """
@@ -422,19 +428,21 @@ def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: i
         tensors[hf_key] = to_hf(_to_numpy(value), layout)
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
-    _remove_old_weights(out_dir)
+    out_dir = os.path.normpath(out_dir)
+    staging = f"{out_dir}.saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     shards = _shard(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        safetensors.numpy.save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
+        safetensors.numpy.save_file(shards[0], os.path.join(staging, SINGLE_FILE), metadata=metadata)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            safetensors.numpy.save_file(shard, os.path.join(out_dir, name), metadata=metadata)
+            safetensors.numpy.save_file(shard, os.path.join(staging, name), metadata=metadata)
             weight_map.update({k: name for k in shard})
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        with open(os.path.join(staging, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map},
                       f, indent=2)
     hf_config = cfg.to_hf_dict()
@@ -442,7 +450,8 @@ def save_hf(model: Qwen2 | PPM, out_dir: str, tokenizer=None, max_shard_bytes: i
         hf_config[SCORE_SCALE_KEY] = model.score_scale
     if tokenizer is not None:  # HF generate() stops at the config's eos id, as Qwen2.5-Math's config.json sets it
         hf_config.update({f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    with open(os.path.join(staging, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        tokenizer.save_pretrained(staging)
+    _replace_dir(staging, out_dir)

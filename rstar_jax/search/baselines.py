@@ -39,7 +39,7 @@ from rstar_jax.sampling import Sample, Sampler, SamplingConfig
 from rstar_jax.search import steps
 from rstar_jax.search.driver import stream_id
 from rstar_jax.verify.answer_extract import extract_answer
-from rstar_jax.verify.program import ANSWER_END, CODE_END, OUTPUT, OUTPUT_END, STEP_END, assemble_program
+from rstar_jax.verify.program import ANSWER_END, CODE_END, STEP_END, assemble_program, output_block
 
 # How a trajectory ended.
 ANSWER = "answer"  # an answer step with a \boxed{} answer
@@ -156,7 +156,7 @@ def _executed(text: str, result, show_errors: bool) -> str:
     if not result.failed:
         return steps.with_output(text, result)
     if show_errors and CODE_END in text:
-        return f"{text}\n{OUTPUT}{result.observation}{OUTPUT_END}\n"
+        return text + output_block(result.observation)
     return text
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from rstar_jax.verify.program import CODE_END, OUTPUT, OUTPUT_END, is_answer_step
+from rstar_jax.verify.program import CODE_END, is_answer_step, output_block
 from rstar_jax.verify.sandbox import ExecResult
 
 # What a candidate needs next: the sandbox, the grader, or nothing (it already failed).
@@ -48,4 +48,4 @@ def with_output(text: str, result: ExecResult) -> str:
     """A step that closed the code block shows the program's output after it (rStar section 2)."""
     if CODE_END not in text:
         return text
-    return f"{text}\n{OUTPUT}{result.stdout}{OUTPUT_END}\n"
+    return text + output_block(result.stdout)

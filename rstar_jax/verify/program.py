@@ -24,6 +24,7 @@ OUTPUT = "<output>"
 OUTPUT_END = "<end_of_output>"
 ANSWER = "<answer>"
 ANSWER_END = "<end_of_answer>"
+STEP_TAGS = (CODE, STEP_END, CODE_END, OUTPUT, OUTPUT_END, ANSWER, ANSWER_END)
 
 # Reference display rules: whole-number-of-a-line floats with at most 4 decimals, output over 1024 characters
 # shown as its first 512 + "..." + last 512 characters.
@@ -125,6 +126,17 @@ def truncate_middle(text: str, max_chars: int = DISPLAY_MAX_CHARS) -> str:
 def format_output(stdout: str) -> str:
     """What the reference shows in ``<output>...<end_of_output>`` for a program's full standard output."""
     return truncate_middle(round_float_lines(stdout)).strip()
+
+
+def output_block(shown: str) -> str:
+    """What follows a code-closing step: ``<output>shown<end_of_output>`` on lines of its own.
+
+    A step tag the program printed is defused (``<`` written as ``&lt;``): it would otherwise become the
+    tag's token in the model's context and close the block, or open an answer, on the program's say-so.
+    """
+    for tag in STEP_TAGS:
+        shown = shown.replace(tag, "&lt;" + tag[1:])
+    return f"\n{OUTPUT}{shown}{OUTPUT_END}\n"
 
 
 def format_captured(head: str, tail: str, total_chars: int) -> str:
