@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import shutil
 import subprocess
@@ -67,15 +68,17 @@ def _check_extracted(out, problems, records):
 
 @pytest.fixture(scope="module")
 def terminal_run(models, tmp_path_factory):
-    """An uninterrupted terminal-guided run of the search stage, in this process."""
+    """An uninterrupted terminal-guided run of the search stage, in this process: (out dir, stats, the progress
+    lines it printed, one per iteration)."""
     out = tmp_path_factory.mktemp("terminal")
+    lines = []
     stats = run_search(SearchConfig(mode="terminal", **SMALL), models["problems"], models["policy"], None, str(out),
-                       extract_config=ExtractConfig(), progress=lambda s: None)
-    return out, stats
+                       extract_config=ExtractConfig(), progress=lines.append, progress_every_s=0)
+    return out, stats, lines
 
 
 def test_terminal_guided_search_and_extraction(models, terminal_run):
-    out, stats = terminal_run
+    out, stats, _ = terminal_run
     config = SearchConfig(mode="terminal", **SMALL)
     assert stats["searched"] == 4 and set(stats["seconds"]) >= {"tree", "generate", "execute", "grade"}
     records = _records(out / "trees.jsonl")
@@ -118,13 +121,56 @@ def _check_scores_are_whole_text_scores(ppm_dir, records):
     assert max(n.depth for r in records for n in r.nodes) >= 2  # children of stored (not root) contexts
 
 
-def test_ppm_augmented_and_inference_modes(models, tmp_path):
-    ppm = run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][:2], models["policy"], models["ppm"],
-                     str(tmp_path / "ppm"), extract_config=ExtractConfig(), progress=lambda s: None)
+@pytest.fixture(scope="module")
+def ppm_run(models, tmp_path_factory):
+    """A PPM-augmented run of the search stage, with its collaborators' calls recorded: (out dir, stats,
+    calls), calls one list per expansion (`_expand_leaves`) of (what, detail) in call order."""
+    from rstar_jax.sampling import Sampler
+    from rstar_jax.search.driver import SearchDriver
+    from rstar_jax.search.scoring import Scorer
+    from rstar_jax.verify.sandbox import Sandbox
+    calls, inside = [], []
+
+    def record(mp, owner, name, what, detail):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if inside:  # only calls made by an expansion (not, e.g., the extraction's grading)
+                calls[-1].append((what, detail(*args, **kwargs)))
+            return original(*args, **kwargs)
+        mp.setattr(owner, name, wrapper)
+
+    def expand_leaves(self, tree, leaf, slots):
+        calls.append([("leaves", int((leaf >= 0).sum()))])
+        inside.append(True)
+        try:
+            return expand(self, tree, leaf, slots)
+        finally:
+            inside.pop()
+
+    out = tmp_path_factory.mktemp("ppm")
+    expand = SearchDriver._expand_leaves
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SearchDriver, "_expand_leaves", expand_leaves)
+        # detail: prompts | - | programs | answers | [[step texts]] per leaf | {slot: [(kind, final text)]}
+        record(mp, Sampler, "generate", "generate", lambda self, prompts, *a, **k: len(prompts))
+        record(mp, steps, "candidate_steps", "candidates", lambda samples, **k: None)
+        record(mp, Sandbox, "run", "execute", lambda self, programs, *a, **k: len(programs))
+        record(mp, Grader, "grade_batch", "grade", lambda self, pairs: len(pairs))
+        record(mp, Scorer, "score_children", "score", lambda self, contexts, texts, **k: [list(t) for t in texts])
+        record(mp, SearchDriver, "_insert", "insert",
+               lambda self, tree, leaf, cands, *a: {i: [(c.kind, c.text) for c in cs] for i, cs in cands.items()})
+        stats = run_search(SearchConfig(mode="ppm", **SMALL), models["problems"][:2], models["policy"], models["ppm"],
+                           str(out), extract_config=ExtractConfig(), progress=lambda s: None)
+    return out, stats, calls
+
+
+def test_ppm_augmented_and_inference_modes(models, ppm_run, tmp_path):
+    out, ppm, _ = ppm_run
     assert ppm["seconds"]["score"] > 0
-    _check_extracted(tmp_path / "ppm", models["problems"], _records(tmp_path / "ppm" / "trees.jsonl"))
-    _check_scores_are_whole_text_scores(models["ppm"], _records(tmp_path / "ppm" / "trees.jsonl"))
-    for r in _records(tmp_path / "ppm" / "trees.jsonl"):
+    _check_extracted(out, models["problems"], _records(out / "trees.jsonl"))
+    _check_scores_are_whole_text_scores(models["ppm"], _records(out / "trees.jsonl"))
+    for r in _records(out / "trees.jsonl"):
         for n in r.nodes[1:]:
             assert n.init_value is not None and -1 <= n.init_value <= 1
             if n.terminal_reason is None:  # one local update with the PPM score (more if it was expanded)
@@ -138,6 +184,65 @@ def test_ppm_augmented_and_inference_modes(models, tmp_path):
         for n in r.nodes:
             if n.terminal_reason == "answer":  # the PPM's score of the answer is what was backed up
                 assert n.visits == 1 and n.value_sum == pytest.approx(n.init_value, abs=1e-6)
+
+
+def test_each_expansion_batches_its_calls_in_the_loop_order(ppm_run):
+    """Per lock-step iteration, every live tree's leaf goes through one sampler call, candidate filtering, then
+    one sandbox call for all code candidates, one grader call for all answers, one PPM call for all new
+    children (which sees the executed outputs), and last one insert + backup: the batching the speed relies on."""
+    _, _, calls = ppm_run
+    assert len(calls) > 1
+    for number, (head, *made) in enumerate(calls):
+        assert head[0] == "leaves"
+        leaves = head[1]
+        for what in ("generate", "execute", "grade", "score", "insert"):
+            assert [w for w, _ in made].count(what) <= 1, (number, made)
+        detail = dict(made)
+        children = detail["insert"]  # {slot: [(kind, final text)]}
+        code = sum(kind == steps.CODE for cs in children.values() for kind, _ in cs)
+        answers = sum(kind == steps.ANSWER_STEP for cs in children.values() for kind, _ in cs)
+        order = [w for w, d in made if not (w in ("execute", "grade") and d == 0)]  # empty batches may be skipped
+        assert order == ["generate"] + ["candidates"] * leaves + ["execute"] * (code > 0) + ["grade"] * (answers > 0) \
+            + ["score", "insert"], (number, made)
+        # All leaves in the one sampler call (none is near the context limit, where `step_budgets` splits).
+        assert detail["generate"] == leaves == len(children)
+        assert detail.get("execute", 0) == code and detail.get("grade", 0) == answers
+        assert detail["score"] == [[text for _, text in cs] for cs in children.values()]  # outputs appended
+    assert max(head[1] for head, *_ in calls) == SMALL["batch_size"], "no iteration batched two trees"
+    made = [(w, d) for _, *rest in calls for w, d in rest]
+    assert any(w == "execute" for w, _ in made) and any(w == "grade" and d for w, d in made)
+    assert any("<output>" in text for w, d in made if w == "score" for texts in d for text in texts)
+
+
+_STATUS = re.compile(r"search: (\d+)/(\d+) problems, ([\d.]+) rollouts/s, (\d+)s(, ETA \d+s)?; time split: "
+                     r"tree ([\d.]+)%, generate ([\d.]+)%, execute ([\d.]+)%, grade ([\d.]+)%, score ([\d.]+)% "
+                     r"\(\+ tree compile ([\d.]+)s\)")
+
+
+def test_the_progress_line_reports_problems_rate_and_time_split(terminal_run):
+    """The progress line a user watches: problems done / total (with an ETA while some are done), rollouts/s,
+    and the time split between tree kernels, generate, execute, grade and score, the run's own numbers."""
+    _, stats, lines = terminal_run
+    parsed = []
+    for line in lines:
+        match = _STATUS.fullmatch(line)
+        assert match, line
+        parsed.append(match.groups())
+    done = [int(p[0]) for p in parsed]
+    assert {int(p[1]) for p in parsed} == {4} and done == sorted(done) and done[-1] == 4
+    assert all(bool(p[4]) == (0 < int(p[0]) < 4) for p in parsed)  # an ETA once a problem is done, until the end
+    assert any(p[4] for p in parsed), "no progress line while the search was partly done"
+    last = parsed[-1]
+    assert float(last[2]) == pytest.approx(stats["rollouts"] / stats["wall_s"], rel=0.02, abs=0.01)
+    assert abs(int(last[3]) - stats["wall_s"]) <= 1
+    seconds = stats["seconds"]
+    busy = sum(seconds.get(k, 0.0) for k in ("tree", "generate", "execute", "grade", "score"))
+    split = dict(zip(("tree", "generate", "execute", "grade", "score"), map(float, last[5:10])))
+    for phase, percent in split.items():
+        assert percent == pytest.approx(100 * seconds.get(phase, 0.0) / busy, abs=0.06), phase
+    assert sum(split.values()) == pytest.approx(100, abs=0.3)
+    assert split["score"] == 0 and min(split["generate"], split["execute"], split["tree"]) > 0  # terminal: no PPM
+    assert float(last[10]) == pytest.approx(seconds["compile"], abs=0.06)
 
 
 def test_problems_still_unsolved_get_the_extra_rollouts(models, tmp_path):
@@ -381,7 +486,7 @@ def test_step_budgets_shrink_near_the_context_limit_per_row():
 
 def test_search_on_a_device_mesh_matches_one_device(models, terminal_run, tmp_path):
     """Policy sharded over data x tensor (4 of the 8 fake devices): the same trees as on one device."""
-    out, _ = terminal_run
+    out, _, _ = terminal_run
     run_search(SearchConfig(mode="terminal", **SMALL), models["problems"][:2], models["policy"], None, str(tmp_path),
                progress=lambda s: None, mesh_shape=(2, 1, 2))
     one = {r.problem_id: r.to_dict() for r in _records(out / "trees.jsonl")}
@@ -392,7 +497,7 @@ def test_search_on_a_device_mesh_matches_one_device(models, terminal_run, tmp_pa
 def test_policy_store_gives_the_trees_of_whole_prefills(models, terminal_run, tmp_path):
     """Expansions prefilling only a leaf's step on its parent's stored policy keys/values (the default) sample
     exactly what prefilling the leaf's whole prompt and path samples."""
-    out, stats = terminal_run
+    out, stats, _ = terminal_run
     assert stats["stores"]["policy"]["hits"] > stats["stores"]["policy"]["misses"] > 0
     whole = run_search(SearchConfig(mode="terminal", **SMALL), models["problems"][:2], models["policy"], None,
                        str(tmp_path), progress=lambda s: None, policy_cache_mib=0)

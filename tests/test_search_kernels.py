@@ -57,25 +57,21 @@ def _assert_same(tree: tr.Tree, refs: list[ReferenceTree]) -> None:
         np.testing.assert_array_equal(arrays.init_value[b, :n], [x.init_value for x in nodes])
 
 
-@pytest.mark.parametrize("ppm_leaf_values,propagate_failures,unvisited,seed,restart_chunk", [
-    (False, False, "zero", 0, 128), (True, False, "zero", 1, 2), (False, True, "inf", 2, 128),
-    (True, True, "inf", 3, 4), (True, False, "zero", 4, 1)])
-def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited, seed, restart_chunk):
-    rng = np.random.default_rng(seed)
-    limits = rng.integers(2, 9, size=B)
-    refs = [ReferenceTree(max_depth=MAX_DEPTH, capacity=CAPACITY, unvisited=unvisited,
-                          ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures,
-                          root_text_index=100 * b) for b in range(B)]
+def _drive(select_fn, refs: list[ReferenceTree], limits, rng: np.random.Generator, *, ppm_leaf_values,
+           propagate_failures) -> tuple[tr.Tree, list[list[int]]]:
+    """Select and expand through the kernels (`select_fn(tree, cursor, done, limit)`) and the reference trees in
+    lock-step on one random candidate stream until every tree is finished, comparing them after each kernel.
+    Returns the final tree and the leaves selected on each step ([B] per step, -1: finished)."""
     tree = tr.empty(B, CAPACITY, jnp.arange(B, dtype=jnp.int32) * 100)
     cursor, done = jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)
-    finished_at = [None] * B
+    history = []
     for step in range(200):
-        tree, leaf, done = _select(tree, cursor, done, jnp.asarray(limits, jnp.int32), c=2.0, unvisited=unvisited,
-                                   restart_chunk=restart_chunk)
+        tree, leaf, done = select_fn(tree, cursor, done, jnp.asarray(limits, jnp.int32))
         ref_leaves = [ref.select(int(limits[b])) for b, ref in enumerate(refs)]
         np.testing.assert_array_equal(np.asarray(leaf), [x.id if x else -1 for x in ref_leaves], err_msg=f"step {step}")
         np.testing.assert_array_equal(np.asarray(done), [r.rollouts_done for r in refs])
         _assert_same(tree, refs)
+        history.append([int(x) for x in leaf])
         cursor = leaf
         if not any(ref_leaves):
             break
@@ -84,7 +80,6 @@ def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited,
         fields[3] = -1
         for b, x in enumerate(ref_leaves):
             if x is None:
-                finished_at[b] = finished_at[b] or step
                 continue
             cands = _random_candidates(rng, 1000 * step + 10 * b)
             refs[b].expand(x, cands)
@@ -100,6 +95,62 @@ def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited,
     reasons = np.asarray(tree.terminal_reason)
     assert (reasons == tr.DEAD_END).any() and (reasons == tr.MAX_DEPTH).any()
     assert max(r.rollouts_done for r in refs) >= 3, [r.rollouts_done for r in refs]
+    return tree, history
+
+
+@pytest.mark.parametrize("ppm_leaf_values,propagate_failures,unvisited,seed,restart_chunk", [
+    (False, False, "zero", 0, 128), (True, False, "zero", 1, 2), (False, True, "inf", 2, 128),
+    (True, True, "inf", 3, 4), (True, False, "zero", 4, 1)])
+def test_kernels_match_reference(ppm_leaf_values, propagate_failures, unvisited, seed, restart_chunk):
+    rng = np.random.default_rng(seed)
+    limits = rng.integers(2, 9, size=B)
+    refs = [ReferenceTree(max_depth=MAX_DEPTH, capacity=CAPACITY, unvisited=unvisited,
+                          ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures,
+                          root_text_index=100 * b) for b in range(B)]
+    select_fn = functools.partial(_select, c=2.0, unvisited=unvisited, restart_chunk=restart_chunk)
+    _drive(select_fn, refs, limits, rng, ppm_leaf_values=ppm_leaf_values, propagate_failures=propagate_failures)
+
+
+def _puct_prior(init_value):
+    return (1 + init_value) / 2  # the PPM score in [-1, 1] as a prior in [0, 1]
+
+
+def _puct(q, visits, parent_visits, init_value):
+    """A PUCT-like rule (AlphaZero's, the PPM score as the prior): Q + c * P * sqrt(N_parent) / (1 + N)."""
+    return q + 2.0 * _puct_prior(init_value) * jnp.sqrt(parent_visits.astype(jnp.float32)) / (1 + visits)
+
+
+def _puct_scalar(q, visits, parent_visits, init_value):
+    return q + 2.0 * _puct_prior(init_value) * math.sqrt(parent_visits) / (1 + visits)
+
+
+_select_puct = jax.jit(functools.partial(select.select, score_fn=_puct, max_children=K))
+
+
+def test_a_pluggable_selection_rule_matches_the_reference_running_it():
+    """The selection rule is a parameter: a rule reading the PPM prior (which UCT ignores) gives the same
+    selections and trees through the kernels as through the reference running the same rule, and different
+    selections from UCT's, so the rule did take effect."""
+    def run(score_fn, select_fn=None):
+        rng = np.random.default_rng(5)
+        limits = rng.integers(2, 9, size=B)
+        refs = [ReferenceTree(max_depth=MAX_DEPTH, capacity=CAPACITY, root_text_index=100 * b, score_fn=score_fn)
+                for b in range(B)]
+        if select_fn is not None:
+            return _drive(select_fn, refs, limits, rng, ppm_leaf_values=False, propagate_failures=False)[1]
+        history = []  # the reference alone, on the same stream
+        for step in range(200):
+            leaves = [ref.select(int(limits[b])) for b, ref in enumerate(refs)]
+            history.append([x.id if x else -1 for x in leaves])
+            if not any(leaves):
+                return history
+            for b, x in enumerate(leaves):
+                if x is not None:
+                    refs[b].expand(x, _random_candidates(rng, 1000 * step + 10 * b))
+        pytest.fail("the UCT reference did not finish in 200 steps")
+
+    puct = run(_puct_scalar, _select_puct)
+    assert puct != run(None), "the rule made no difference: the test would not notice it being ignored"
 
 
 def test_uct_reference_conventions():

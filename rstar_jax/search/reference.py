@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from rstar_jax.search.tree import ANSWER, DEAD_END, MAX_DEPTH, NONE
 
@@ -63,8 +64,12 @@ class ReferenceTree:
     """One problem's tree and its rollout cursor."""
 
     def __init__(self, *, max_depth: int, capacity: int, c: float = 2.0, unvisited: str = "zero",
-                 ppm_leaf_values: bool = False, propagate_failures: bool = False, root_text_index: int = -1):
+                 ppm_leaf_values: bool = False, propagate_failures: bool = False, root_text_index: int = -1,
+                 score_fn: Callable[[float, int, int, float], float] | None = None):
+        """score_fn: another selection rule, a child's score from (q, visits, parent visits, init_value), the
+        scalar form of the kernels' `select.ScoreFn`; None: UCT with `c` and `unvisited`."""
         self.max_depth, self.capacity, self.c, self.unvisited = max_depth, capacity, c, unvisited
+        self.score_fn = score_fn
         self.ppm_leaf_values, self.propagate_failures = ppm_leaf_values, propagate_failures
         self.root = Node(0, None, 0, text_index=root_text_index)
         self.nodes = [self.root]
@@ -76,7 +81,8 @@ class ReferenceTree:
         for child in node.children:
             if child.is_terminal:
                 continue
-            score = child.uct(self.c, self.unvisited)
+            score = (child.uct(self.c, self.unvisited) if self.score_fn is None
+                     else self.score_fn(child.q_value(), child.visits, node.visits, child.init_value))
             if best is None or score > best_score:  # first maximum wins ties
                 best, best_score = child, score
         return best
