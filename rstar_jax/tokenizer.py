@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from rstar_jax.verify.program import ANSWER_END, CODE_END, STEP_END, STEP_TAGS
+
 # A generation (one MCTS step) stops at the first of these; the tag stays in the node text.
 STOP_TAGS = (STEP_END, CODE_END, ANSWER_END)
 PROMPT_TEMPLATE = "<|user|>:\n{question}\n<|assistant|>: Let's think step by step and solve the problem with code."
