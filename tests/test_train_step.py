@@ -50,9 +50,11 @@ def _two_steps(**kw):
 
 
 # Measured against the unsharded run (8 CPU devices): gradients (largest entry 1.3; `_gradient` is jax.grad's
-# within 2.4e-7) agree within 4.2e-7 for every mesh, microbatching and loss chunking; parameters after step 1
-# (almost every one moved by ~1.5e-3) within 3.6e-5, Adam's m / sqrt(v) amplifying rounding where a gradient is
-# near zero. The tolerances leave 20x and 3x of margin, and stay 1e5x and 15x below what they compare.
+# within 2.4e-7) agree within 4.2e-7 for every mesh, microbatching and loss chunking. Parameters after step 1
+# (almost every one moved by ~1.5e-3) agree within 1.5e-8 where the step-0 gradient exceeds GRAD_ATOL (99% of
+# them), but within only 3.6e-5 where it is ~1e-7: Adam's m / sqrt(v) turns rounding of a near-zero gradient into
+# a step of up to +-lr, of either sign on another machine. So parameters are compared where the gradient stands
+# clear of that (a bound on the update's difference there: lr * 2e-7 / 7e-6 = 4.5e-5), and every gradient is.
 GRAD_ATOL, PARAM_ATOL = 1e-5, 1e-4
 
 
@@ -67,8 +69,10 @@ def _assert_same_training(run, baseline):
     assert g.keys() == g1.keys()
     for k in g1:
         np.testing.assert_allclose(g[k], g1[k], rtol=0, atol=GRAD_ATOL, err_msg=k)
+    clear = {k: np.abs(g1[k]) > GRAD_ATOL for k in p1}
+    assert sum(int(c.sum()) for c in clear.values()) > 0.95 * sum(c.size for c in clear.values())
     for k in p1:
-        np.testing.assert_allclose(p[k], p1[k], rtol=0, atol=PARAM_ATOL, err_msg=k)
+        np.testing.assert_allclose(p[k][clear[k]], p1[k][clear[k]], rtol=0, atol=PARAM_ATOL, err_msg=k)
 
 
 def test_loss_is_the_hand_computed_masked_mean_over_two_examples():
